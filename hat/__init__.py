@@ -1,0 +1,12 @@
+"""HAT: Hybrid Attention Transformer for image super-resolution.
+
+Importing ``hat`` makes basicsr importable on current torchvision (see :mod:`hat.compat`) and registers this
+project's architectures, datasets and models into basicsr's registries.
+"""
+from hat import compat
+
+compat.apply()
+
+from hat import archs  # noqa: E402,F401  (registers architectures)
+
+__version__ = '0.1.0'
