@@ -1,0 +1,194 @@
+"""HATModel: basicsr's SRModel with HAT's test-time behaviour, on any device.
+
+Differences from basicsr's SRModel (and from the official HATModel):
+* inference pads the input to a multiple of the window size and crops the output (as the released models were
+  evaluated), optionally tile by tile with blended overlaps (``tile: {tile_size, tile_pad}``) and with the x8
+  self-ensemble (``val: {self_ensemble: true}``);
+* the network is put back in the mode it was in after inference (the official code leaves it in eval mode);
+* a validation set without ground truth writes its images and warns that metrics were skipped;
+* checkpoints load with ``weights_only=True`` and a mismatch names the keys and the variant the file looks like;
+* checkpoints and training states are written atomically; distributed training works on the CPU (gloo).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from os import path as osp
+
+import torch
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import imwrite, tensor2img
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch import Tensor
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from tqdm import tqdm
+
+from hat.archs.detect import describe_mismatch, load_state_dict
+from hat.archs.window import pad_to_multiple
+from hat.utils.atomic import atomic_torch_save
+from hat.utils.ensemble import self_ensemble
+from hat.utils.tiling import tiled_forward
+
+logger = logging.getLogger('basicsr')
+
+
+@MODEL_REGISTRY.register()
+class HATModel(SRModel):
+    """Single-image SR model for HAT (and any network that maps [B, C, H, W] to [B, C, sH, sW])."""
+
+    # ----- devices -----
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        net = net.to(self.device)
+        if self.opt['dist']:
+            # DDP takes device_ids only for CUDA; on the CPU (gloo) it must be None.
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(
+                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    # ----- loading and saving -----
+    def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True,
+                     param_key: str | None = 'params') -> None:
+        net = self.get_bare_model(net)
+        # basicsr's convention: a file saved without EMA has only 'params', and asking for 'params_ema' falls back
+        # to it; unwrapping without a key prefers params_ema, then params.
+        state_dict = load_state_dict(load_path, None if param_key == 'params_ema' else param_key)
+        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
+        if strict:
+            own = net.state_dict()
+            fits = set(own) == set(state_dict) and all(own[k].shape == v.shape for k, v in state_dict.items())
+            if not fits:
+                raise ValueError(f'{load_path} does not fit the network of the option file '
+                                 f'(strict_load is on).\n{describe_mismatch(net, state_dict)}')
+            net.load_state_dict(state_dict, strict=True)
+        else:
+            own = net.state_dict()
+            kept = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+            skipped = sorted(set(state_dict) - set(kept))
+            missing = sorted(set(own) - set(kept))
+            if skipped or missing:
+                logger.warning(f'Non-strict loading of {load_path}: {len(skipped)} checkpoint entries ignored '
+                               f'(first: {skipped[:5]}), {len(missing)} network entries left as initialised '
+                               f'(first: {missing[:5]}).')
+            net.load_state_dict(kept, strict=False)
+
+    def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
+        if self.opt['rank'] != 0:
+            return
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError('save_network needs one param_key per network.')
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state_dict = self.get_bare_model(net_).state_dict()
+            save_dict[key] = OrderedDict((k.removeprefix('module.'), v.detach().cpu()) for k, v in state_dict.items())
+        label = 'latest' if current_iter == -1 else current_iter
+        atomic_torch_save(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        if self.opt['rank'] != 0 or current_iter == -1:
+            return
+        state = {
+            'epoch': epoch,
+            'iter': current_iter,
+            'optimizers': [o.state_dict() for o in self.optimizers],
+            'schedulers': [s.state_dict() for s in self.schedulers],
+        }
+        atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    # ----- inference -----
+    def _network_for_inference(self) -> torch.nn.Module:
+        return self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+
+    def _window_multiple(self) -> int:
+        return int(self.opt['network_g'].get('window_size', 1))
+
+    def super_resolve(self, lq: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H * scale, W * scale] with padding, tiling and self-ensemble per the options."""
+        net = self._network_for_inference()
+        scale = self.opt['scale']
+        multiple = self._window_multiple()
+        tile_opt = self.opt.get('tile')
+
+        def run(x: Tensor) -> Tensor:
+            h, w = x.shape[-2:]
+            if tile_opt:
+                out = tiled_forward(net, x, scale=scale, tile_size=int(tile_opt['tile_size']),
+                                    tile_pad=int(tile_opt.get('tile_pad', 0)), multiple=multiple,
+                                    progress=tile_opt.get('progress', True))
+            else:
+                padded, _, _ = pad_to_multiple(x, multiple)
+                out = net(padded)
+            return out[..., :h * scale, :w * scale]
+
+        if (self.opt.get('val') or {}).get('self_ensemble', False):
+            return self_ensemble(run, lq)
+        return run(lq)
+
+    def test(self) -> None:
+        net = self._network_for_inference()
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                self.output = self.super_resolve(self.lq)
+        finally:
+            net.train(was_training)
+
+    # ----- validation -----
+    def nondist_validation(self, dataloader, current_iter: int, tb_logger, save_img: bool) -> None:
+        dataset_name = dataloader.dataset.opt['name']
+        val_opt = self.opt['val']
+        metrics_opt = val_opt.get('metrics')
+        if metrics_opt:
+            self._initialize_best_metric_results(dataset_name)
+        totals = {name: 0.0 for name in (metrics_opt or {})}
+        measured = 0
+        warned_no_gt = False
+
+        bar = tqdm(total=len(dataloader), unit='image', desc=dataset_name, disable=not val_opt.get('pbar', False))
+        for val_data in dataloader:
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+            self.feed_data(val_data)
+            self.test()
+            sr_img = tensor2img([self.output.detach().cpu()])
+            gt_img = tensor2img([self.gt.detach().cpu()]) if 'gt' in val_data else None
+            del self.lq, self.output
+            if hasattr(self, 'gt'):
+                del self.gt
+
+            if save_img:
+                imwrite(sr_img, self._visualization_path(dataset_name, img_name, current_iter))
+
+            if metrics_opt:
+                if gt_img is None:
+                    if not warned_no_gt:
+                        logger.warning(f'Dataset {dataset_name} has no ground truth: metrics '
+                                       f'({", ".join(metrics_opt)}) skipped; images are still written.')
+                        warned_no_gt = True
+                else:
+                    for name, metric_opt in metrics_opt.items():
+                        totals[name] += calculate_metric({'img': sr_img, 'img2': gt_img}, metric_opt)
+                    measured += 1
+            bar.update(1)
+            bar.set_postfix_str(img_name)
+        bar.close()
+
+        if metrics_opt and measured:
+            self.metric_results = {name: total / measured for name, total in totals.items()}
+            for name, value in self.metric_results.items():
+                self._update_best_metric_result(dataset_name, name, value, current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        elif metrics_opt:
+            self.metric_results = {}
+
+    def _visualization_path(self, dataset_name: str, img_name: str, current_iter: int) -> str:
+        root = self.opt['path']['visualization']
+        if self.opt['is_train']:
+            return osp.join(root, img_name, f'{img_name}_{current_iter}.png')
+        suffix = self.opt['val'].get('suffix') or self.opt['name']
+        return osp.join(root, dataset_name, f'{img_name}_{suffix}.png')

@@ -1,0 +1,242 @@
+"""The training and test pipelines end to end, on the CPU, with a tiny HAT and a synthetic image set."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from hat.archs.hat_arch import HAT
+from hat.test import test_pipeline as run_test_pipeline
+from hat.train import train_pipeline
+
+SCALE = 2
+TINY_HAT = {
+    'type': 'HAT', 'upscale': SCALE, 'in_chans': 3, 'img_size': 16, 'window_size': 4, 'compress_ratio': 3,
+    'squeeze_factor': 6, 'conv_scale': 0.01, 'overlap_ratio': 0.5, 'img_range': 1.0, 'depths': [1, 1],
+    'embed_dim': 12, 'num_heads': [2, 2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffle', 'resi_connection': '1conv'
+}
+METRICS = {
+    'psnr': {'type': 'calculate_psnr', 'crop_border': SCALE, 'test_y_channel': True},
+    'ssim': {'type': 'calculate_ssim', 'crop_border': SCALE, 'test_y_channel': True},
+}
+
+
+def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth colourful uint8 image (BGR, as cv2 writes it)."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    channels = [np.sin(rng.uniform(2, 8) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 8) * yy) for _ in range(3)]
+    return np.clip(127.5 + 100 * np.stack(channels, axis=2), 0, 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def image_set(tmp_path_factory) -> Path:
+    """4 GT images (40x56 and 48x48) with their x2 LQ, in gt/ and lq/ (same file names)."""
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    (root / 'gt').mkdir()
+    (root / 'lq').mkdir()
+    for i, (h, w) in enumerate([(40, 56), (48, 48), (40, 56), (48, 48)]):
+        gt = smooth_image(rng, h, w)
+        cv2.imwrite(str(root / 'gt' / f'img{i}.png'), gt)
+        cv2.imwrite(str(root / 'lq' / f'img{i}.png'), cv2.resize(gt, (w // SCALE, h // SCALE),
+                                                                    interpolation=cv2.INTER_AREA))
+    return root
+
+
+def train_options(image_set: Path, name: str, total_iter: int = 20) -> dict:
+    paired = {'type': 'PairedImageDataset', 'dataroot_gt': str(image_set / 'gt'),
+              'dataroot_lq': str(image_set / 'lq'), 'io_backend': {'type': 'disk'}}
+    return {
+        'name': name, 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 1, 'manual_seed': 0,
+        'datasets': {
+            'train': {'name': 'tiny', **paired, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
+                      'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1},
+            'val_1': {'name': 'tinyval', **paired},
+        },
+        'network_g': dict(TINY_HAT),
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {
+            'ema_decay': 0.999, 'optim_g': {'type': 'Adam', 'lr': 2e-4, 'weight_decay': 0, 'betas': [0.9, 0.99]},
+            'scheduler': {'type': 'MultiStepLR', 'milestones': [15, 30], 'gamma': 0.5},
+            'total_iter': total_iter, 'warmup_iter': -1,
+            'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'},
+        },
+        'val': {'val_freq': 10, 'save_img': True, 'metrics': METRICS},
+        'logger': {'print_freq': 5, 'save_checkpoint_freq': 10, 'use_tb_logger': False},
+        'dist_params': {'backend': 'nccl', 'port': 29500},
+    }
+
+
+def write_yaml(path: Path, opt: dict) -> str:
+    path.write_text(yaml.safe_dump(opt, sort_keys=False))
+    return str(path)
+
+
+def load_net(path: Path, key: str = 'params_ema') -> HAT:
+    cfg = dict(TINY_HAT)
+    cfg.pop('type')
+    net = HAT(**cfg)
+    net.load_state_dict(torch.load(path, weights_only=True)[key], strict=True)
+    return net.eval()
+
+
+@pytest.fixture(scope='module')
+def trained(image_set, tmp_path_factory):
+    """20 iterations, then --auto_resume to 40 with a different working directory."""
+    root = tmp_path_factory.mktemp('project')
+    opt_file = write_yaml(root / 'train_tiny.yml', train_options(image_set, 'tiny_x2'))
+    with pytest.warns(UserWarning, match='running on the CPU'):
+        train_pipeline(str(root), ['-opt', opt_file])
+    first_run = {p.name for p in (root / 'experiments/tiny_x2/training_states').iterdir()}
+
+    elsewhere = tmp_path_factory.mktemp('elsewhere')
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        train_pipeline(str(root), ['-opt', opt_file, '--auto_resume', '--force_yml', 'train:total_iter=40'])
+    finally:
+        os.chdir(cwd)
+    return root, first_run
+
+
+def test_training_writes_checkpoints_states_and_logs(trained):
+    root, first_run = trained
+    exp = root / 'experiments' / 'tiny_x2'
+    assert first_run == {'10.state', '20.state'}
+    assert {p.name for p in (exp / 'models').iterdir()} >= {'net_g_10.pth', 'net_g_20.pth', 'net_g_40.pth',
+                                                             'net_g_latest.pth'}
+    copied = (exp / 'train_tiny.yml').read_text()
+    assert copied.startswith('# GENERATE TIME') and '--auto_resume' in copied
+    assert (exp / 'visualization' / 'img0' / 'img0_10.png').is_file()
+    logs = sorted(exp.glob('train_tiny_x2_*.log'))
+    assert logs, 'no training log written'
+    assert any('Validation tinyval' in log.read_text() for log in logs)
+
+
+def test_auto_resume_continues_from_the_newest_state(trained):
+    root, _ = trained
+    exp = root / 'experiments' / 'tiny_x2'
+    log_text = '\n'.join(p.read_text() for p in exp.glob('train_tiny_x2_*.log'))
+    assert 'Resuming training from' in log_text and 'iter 20' in log_text
+    assert {p.name for p in (exp / 'training_states').iterdir()} == {'10.state', '20.state', '30.state',
+                                                                      '40.state'}
+    state = torch.load(exp / 'training_states' / '40.state', weights_only=False)
+    assert state['iter'] == 40
+    # the MultiStepLR milestones (15, 30) applied across the resume: 2e-4 * 0.5 * 0.5
+    assert math.isclose(state['optimizers'][0]['param_groups'][0]['lr'], 5e-5, rel_tol=1e-6)
+    # the latest weights are those of iter 40, and training changed them after the resume
+    latest, at_40, at_20 = (torch.load(exp / 'models' / f, weights_only=True)['params']
+                            for f in ('net_g_latest.pth', 'net_g_40.pth', 'net_g_20.pth'))
+    assert all(torch.equal(latest[k], at_40[k]) for k in latest)
+    assert any(not torch.equal(at_40[k], at_20[k]) for k in at_40 if at_40[k].is_floating_point())
+
+
+def test_released_layout_of_saved_checkpoints(trained):
+    root, _ = trained
+    checkpoint = torch.load(root / 'experiments/tiny_x2/models/net_g_latest.pth', weights_only=True)
+    assert set(checkpoint) == {'params', 'params_ema'}
+    assert 'relative_position_index_SA' in checkpoint['params_ema']
+    assert not any(k.startswith('module.') for k in checkpoint['params_ema'])
+
+
+def test_test_pipeline_measures_the_trained_model(trained, image_set):
+    root, _ = trained
+    model_path = root / 'experiments/tiny_x2/models/net_g_latest.pth'
+    opt = {
+        'name': 'tiny_test', 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 'auto', 'manual_seed': 0,
+        'datasets': {'test_1': {'name': 'tiny', 'type': 'PairedImageDataset', 'dataroot_gt': str(image_set / 'gt'),
+                                'dataroot_lq': str(image_set / 'lq'), 'io_backend': {'type': 'disk'}}},
+        'network_g': dict(TINY_HAT),
+        'path': {'pretrain_network_g': str(model_path), 'strict_load_g': True, 'param_key_g': 'params_ema'},
+        'val': {'save_img': True, 'suffix': None, 'metrics': METRICS},
+    }
+    with pytest.warns(UserWarning, match='running on the CPU'):
+        results = run_test_pipeline(str(root), ['-opt', write_yaml(root / 'test_tiny.yml', opt)])
+    out_dir = root / 'results/tiny_test/visualization/tiny'
+    assert sorted(p.name for p in out_dir.iterdir()) == [f'img{i}_tiny_test.png' for i in range(4)]
+
+    # The logged PSNR is BasicSR's metric on the EMA network's output.
+    from basicsr.metrics import calculate_psnr
+    net = load_net(model_path)
+    expected = []
+    for i in range(4):
+        lq = cv2.imread(str(image_set / 'lq' / f'img{i}.png'))[:, :, ::-1] / 255.0
+        with torch.no_grad():
+            sr = net(torch.from_numpy(lq.copy()).permute(2, 0, 1)[None].float())
+        sr_img = (sr[0].clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1] * 255.0).round().astype(np.uint8)
+        assert np.array_equal(sr_img, cv2.imread(str(out_dir / f'img{i}_tiny_test.png')))
+        gt = cv2.imread(str(image_set / 'gt' / f'img{i}.png'))
+        expected.append(calculate_psnr(sr_img, gt, crop_border=SCALE, test_y_channel=True))
+    assert math.isclose(results['tiny']['psnr'], float(np.mean(expected)), rel_tol=1e-9)
+    assert 10 < results['tiny']['psnr'] < 60
+
+
+def test_set_without_ground_truth_writes_images_and_skips_metrics(trained, image_set):
+    root, _ = trained
+    opt = {
+        'name': 'tiny_nogt', 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 0,
+        'datasets': {'test_1': {'name': 'photos', 'type': 'SingleImageDataset', 'dataroot_lq': str(image_set / 'lq'),
+                                'io_backend': {'type': 'disk'}}},
+        'network_g': dict(TINY_HAT),
+        'path': {'pretrain_network_g': str(root / 'experiments/tiny_x2/models/net_g_latest.pth'),
+                 'param_key_g': 'params_ema'},
+        'val': {'save_img': True, 'suffix': 'SR', 'metrics': METRICS},
+    }
+    results = run_test_pipeline(str(root), ['-opt', write_yaml(root / 'test_nogt.yml', opt)])
+    out_dir = root / 'results/tiny_nogt/visualization/photos'
+    assert sorted(p.name for p in out_dir.iterdir()) == [f'img{i}_SR.png' for i in range(4)]
+    assert cv2.imread(str(out_dir / 'img1_SR.png')).shape == (48, 48, 3)
+    assert results == {'photos': {}}
+    log_text = next((root / 'results/tiny_nogt').glob('test_tiny_nogt_*.log')).read_text()
+    assert 'WARNING: Dataset photos has no ground truth: metrics (psnr, ssim) skipped' in log_text
+
+
+def test_wrong_variant_checkpoint_names_the_mismatch(trained, image_set):
+    root, _ = trained
+    bigger = dict(TINY_HAT, embed_dim=24)
+    opt = {
+        'name': 'tiny_wrong', 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 0,
+        'datasets': {'test_1': {'name': 'photos', 'type': 'SingleImageDataset', 'dataroot_lq': str(image_set / 'lq'),
+                                'io_backend': {'type': 'disk'}}},
+        'network_g': bigger,
+        'path': {'pretrain_network_g': str(root / 'experiments/tiny_x2/models/net_g_latest.pth')},
+        'val': {'save_img': False},
+    }
+    with pytest.raises(ValueError, match='conv_first.weight'):
+        run_test_pipeline(str(root), ['-opt', write_yaml(root / 'test_wrong.yml', opt)])
+
+
+def test_two_process_torchrun_on_the_cpu(image_set):
+    """``torchrun --nproc_per_node=2 hat/train.py --launcher pytorch`` with the nccl option falls back to gloo."""
+    name = f'pytest_ddp_{uuid.uuid4().hex[:8]}'
+    exp = REPO / 'experiments' / name
+    opt = train_options(image_set, name, total_iter=4)
+    opt['val'] = None
+    opt.pop('val')
+    opt['logger']['save_checkpoint_freq'] = 4
+    opt_file = write_yaml(image_set / f'{name}.yml', opt)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    try:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+             str(REPO / 'hat' / 'train.py'), '-opt', opt_file, '--launcher', 'pytorch'],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (exp / 'models' / 'net_g_4.pth').is_file()
+        log_text = next(exp.glob('train_*.log')).read_text()
+        assert 'world size 2' in log_text and '2 processes' in log_text
+        state = torch.load(exp / 'training_states' / '4.state', weights_only=False)
+        assert state['iter'] == 4
+    finally:
+        shutil.rmtree(exp, ignore_errors=True)
