@@ -8,6 +8,7 @@ from hat import compat
 compat.apply()
 
 from hat import archs  # noqa: E402,F401  (registers architectures)
+from hat import data  # noqa: E402,F401  (registers datasets)
 from hat import models  # noqa: E402,F401  (registers models)
 
 __version__ = '0.1.0'
