@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import signal
 import sys
 import time
 from os import path as osp
@@ -28,7 +29,7 @@ from basicsr.utils.options import dict2str  # noqa: E402
 
 from hat.utils.log import setup_logger  # noqa: E402
 from hat.utils.options import copy_option_file, parse_options  # noqa: E402
-from hat.utils.resume import prepare_resume  # noqa: E402
+from hat.utils.resume import prepare_resume, restore_rng_state  # noqa: E402
 
 ROOT_PATH = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -76,6 +77,64 @@ def make_prefetcher(opt: dict, train_loader, logger: logging.Logger):
             raise ValueError('prefetch_mode: cuda needs pin_memory: true in datasets.train.')
         return CUDAPrefetcher(train_loader, opt)
     raise ValueError(f'prefetch_mode {mode!r} is not supported; use ~ (none), cpu or cuda.')
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a state at the end of the current iteration and exits.
+
+    Saving from inside the handler could write a half-updated model; waiting for the iteration to finish cannot.
+    A second signal while waiting restores the default behaviour (stop at once).
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal_name is not None:  # asked twice: give up waiting
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+        logging.getLogger('basicsr').warning(
+            f'{self.signal_name} received: saving a training state after this iteration, then stopping.')
+
+
+def validate(model, val_loaders: list, current_iter: int, tb_logger, save_img: bool) -> None:
+    """Validation must not consume the training random streams (a resumed run would then diverge)."""
+    with torch.random.fork_rng(devices=[]):
+        for val_loader in val_loaders:
+            model.validation(val_loader, current_iter, tb_logger, save_img)
+
+
+def skip_trained_batches(prefetcher, resume_state: dict, start_epoch: int, current_iter: int,
+                         iters_per_epoch: int, logger: logging.Logger) -> tuple[int, object]:
+    """Position the data stream where the interrupted run was, then restore its random state.
+
+    Returns (epoch to continue in, first batch). Replaying the batches already trained in the epoch (instead of
+    restarting the epoch, as BasicSR does) makes a resumed run see the same data as an uninterrupted one.
+    """
+    done_in_epoch = current_iter - start_epoch * iters_per_epoch
+    finished_epoch = done_in_epoch >= iters_per_epoch  # the state was saved on the last batch of its epoch
+    if not finished_epoch:
+        if done_in_epoch > 0:
+            logger.info(f'Skipping the {done_in_epoch} batches of epoch {start_epoch} trained before the resume.')
+        for _ in range(max(done_in_epoch, 0)):
+            prefetcher.next()
+    if 'rng' in resume_state:
+        restore_rng_state(resume_state['rng'])
+    if finished_epoch:
+        return start_epoch + 1, None
+    return start_epoch, prefetcher.next()
 
 
 def check_finite_losses(model, current_iter: int) -> None:
@@ -127,43 +186,65 @@ def train_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) ->
 
     msg_logger = MessageLogger(opt, current_iter, tb_logger)
     prefetcher = make_prefetcher(opt, train_loader, logger)
+    iters_per_epoch = len(train_loader)
     val_opt = opt.get('val')
     logger.info(f'Start training from epoch: {start_epoch}, iter: {current_iter}')
     data_timer, iter_timer = AvgTimer(), AvgTimer()
     start_time = time.time()
+    stop = StopRequest()
+    stop.install()
     epoch = start_epoch
-    for epoch in range(start_epoch, total_epochs + 1):
-        train_sampler.set_epoch(epoch)
+    first_batch = None
+    if resume_state:
+        train_sampler.set_epoch(start_epoch)
         prefetcher.reset()
-        train_data = prefetcher.next()
-        while train_data is not None:
-            data_timer.record()
-            current_iter += 1
+        epoch, first_batch = skip_trained_batches(prefetcher, resume_state, start_epoch, current_iter,
+                                                  iters_per_epoch, logger)
+    try:
+        for epoch in range(epoch, total_epochs + 1):
+            if first_batch is None:
+                train_sampler.set_epoch(epoch)
+                prefetcher.reset()
+                train_data = prefetcher.next()
+            else:
+                train_data, first_batch = first_batch, None
+            while train_data is not None:
+                data_timer.record()
+                current_iter += 1
+                if current_iter > total_iters:
+                    break
+                model.update_learning_rate(current_iter, warmup_iter=opt['train'].get('warmup_iter', -1))
+                model.feed_data(train_data)
+                model.optimize_parameters(current_iter)
+                check_finite_losses(model, current_iter)
+                iter_timer.record()
+                if current_iter == 1:
+                    msg_logger.reset_start_time()
+                if current_iter % opt['logger']['print_freq'] == 0:
+                    log_vars = {'epoch': epoch, 'iter': current_iter, 'lrs': model.get_current_learning_rate(),
+                                'time': iter_timer.get_avg_time(), 'data_time': data_timer.get_avg_time()}
+                    log_vars.update(model.get_current_log())
+                    msg_logger(log_vars)
+                if current_iter % opt['logger']['save_checkpoint_freq'] == 0:
+                    logger.info('Saving models and training states.')
+                    model.save(epoch, current_iter)
+                elif stop.signal_name:
+                    logger.info(f'Saving models and training states at iter {current_iter} before stopping.')
+                    model.save(epoch, current_iter)
+                if stop.signal_name:
+                    logger.info(f'Stopped by {stop.signal_name}; continue with --auto_resume.')
+                    if tb_logger:
+                        tb_logger.close()
+                    return opt
+                if val_opt is not None and current_iter % val_opt['val_freq'] == 0:
+                    validate(model, val_loaders, current_iter, tb_logger, val_opt['save_img'])
+                data_timer.start()
+                iter_timer.start()
+                train_data = prefetcher.next()
             if current_iter > total_iters:
                 break
-            model.update_learning_rate(current_iter, warmup_iter=opt['train'].get('warmup_iter', -1))
-            model.feed_data(train_data)
-            model.optimize_parameters(current_iter)
-            check_finite_losses(model, current_iter)
-            iter_timer.record()
-            if current_iter == 1:
-                msg_logger.reset_start_time()
-            if current_iter % opt['logger']['print_freq'] == 0:
-                log_vars = {'epoch': epoch, 'iter': current_iter, 'lrs': model.get_current_learning_rate(),
-                            'time': iter_timer.get_avg_time(), 'data_time': data_timer.get_avg_time()}
-                log_vars.update(model.get_current_log())
-                msg_logger(log_vars)
-            if current_iter % opt['logger']['save_checkpoint_freq'] == 0:
-                logger.info('Saving models and training states.')
-                model.save(epoch, current_iter)
-            if val_opt is not None and current_iter % val_opt['val_freq'] == 0:
-                for val_loader in val_loaders:
-                    model.validation(val_loader, current_iter, tb_logger, val_opt['save_img'])
-            data_timer.start()
-            iter_timer.start()
-            train_data = prefetcher.next()
-        if current_iter > total_iters:
-            break
+    finally:
+        stop.uninstall()
 
     current_iter = min(current_iter, total_iters)  # the loop counts one past the end before it stops
     consumed = str(datetime.timedelta(seconds=int(time.time() - start_time)))
@@ -171,8 +252,7 @@ def train_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) ->
     logger.info('Save the latest model.')
     model.save(epoch=-1, current_iter=-1)
     if val_opt is not None:
-        for val_loader in val_loaders:
-            model.validation(val_loader, current_iter, tb_logger, val_opt['save_img'])
+        validate(model, val_loaders, current_iter, tb_logger, val_opt['save_img'])
     if tb_logger:
         tb_logger.close()
     if opt['dist']:

@@ -28,6 +28,7 @@ from hat.archs.detect import describe_mismatch, load_state_dict
 from hat.archs.window import pad_to_multiple
 from hat.utils.atomic import atomic_torch_save
 from hat.utils.ensemble import self_ensemble
+from hat.utils.resume import capture_rng_state
 from hat.utils.tiling import tiled_forward
 
 logger = logging.getLogger('basicsr')
@@ -97,6 +98,7 @@ class HATModel(SRModel):
             'iter': current_iter,
             'optimizers': [o.state_dict() for o in self.optimizers],
             'schedulers': [s.state_dict() for s in self.schedulers],
+            'rng': capture_rng_state(),
         }
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 

@@ -86,3 +86,45 @@ def prepare_resume(opt: dict, device: torch.device | str = 'cpu') -> dict | None
         opt['path'][f'param_key_{key.removeprefix("network_")}'] = 'params'
         opt['path'][f'strict_load_{key.removeprefix("network_")}'] = True
     return state
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) random states, saved with a training state so that a resumed run
+    draws the same augmentations, dropout and degradations as an uninterrupted one."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # NumPy's key array as a tensor: weights-only loading accepts tensors, not NumPy arrays
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)]
+    state = {'python': random.getstate(), 'numpy': numpy_state, 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state` (a missing CUDA entry leaves CUDA's generators as they are)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(_as_python_state(state['python']))
+    np.random.set_state(_as_numpy_state(state['numpy']))
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
+
+def _as_python_state(value) -> tuple:
+    # weights-only loading returns the tuple's inner tuple as a list; random.setstate needs tuples
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+def _as_numpy_state(value) -> tuple:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached_gaussian = value
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian)
