@@ -46,8 +46,13 @@ def create_dataloaders(opt: dict, logger: logging.Logger) -> tuple:
             train_sampler = EnlargedSampler(train_set, opt['world_size'], opt['rank'], enlarge_ratio)
             train_loader = build_dataloader(train_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                             sampler=train_sampler, seed=opt['manual_seed'])
-            iters_per_epoch = math.ceil(
-                len(train_set) * enlarge_ratio / (dataset_opt['batch_size_per_gpu'] * opt['world_size']))
+            # The loader drops the last incomplete batch: count the batches it really yields (BasicSR's ceil
+            # overestimates, so that its runs can stop before total_iter).
+            iters_per_epoch = len(train_loader)
+            if iters_per_epoch == 0:
+                raise ValueError(f'Training set {dataset_opt["name"]} has {len(train_set)} images (x{enlarge_ratio}) '
+                                 f'for {opt["world_size"]} process(es): fewer than one batch of '
+                                 f'{dataset_opt["batch_size_per_gpu"]}. Add images or raise dataset_enlarge_ratio.')
             total_iters = int(opt['train']['total_iter'])
             total_epochs = math.ceil(total_iters / iters_per_epoch)
             logger.info(f'Training set: {len(train_set)} images, enlarge ratio {enlarge_ratio}, batch size per '
