@@ -240,3 +240,35 @@ def test_two_process_torchrun_on_the_cpu(image_set):
         assert state['iter'] == 4
     finally:
         shutil.rmtree(exp, ignore_errors=True)
+
+
+def test_unreadable_image_is_skipped_in_testing(trained, image_set, tmp_path):
+    """One broken file in a test set is reported and skipped; the other images are still evaluated."""
+    root, _ = trained
+    for sub in ('gt', 'lq'):
+        shutil.copytree(image_set / sub, tmp_path / sub)
+    (tmp_path / 'lq' / 'img2.png').write_bytes((image_set / 'lq' / 'img2.png').read_bytes()[:60])  # truncated
+    opt = {
+        'name': 'tiny_broken', 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 0,
+        'datasets': {'test_1': {'name': 'broken', 'type': 'PairedImageDataset', 'dataroot_gt': str(tmp_path / 'gt'),
+                                'dataroot_lq': str(tmp_path / 'lq'), 'io_backend': {'type': 'disk'}}},
+        'network_g': dict(TINY_HAT),
+        'path': {'pretrain_network_g': str(root / 'experiments/tiny_x2/models/net_g_latest.pth')},
+        'val': {'save_img': True, 'suffix': None, 'metrics': METRICS},
+    }
+    results = run_test_pipeline(str(root), ['-opt', write_yaml(tmp_path / 'broken.yml', opt)])
+    out_dir = root / 'results/tiny_broken/visualization/broken'
+    assert sorted(p.name for p in out_dir.iterdir()) == [f'img{i}_tiny_broken.png' for i in (0, 1, 3)]
+    assert 10 < results['broken']['psnr'] < 60
+    log_text = next((root / 'results/tiny_broken').glob('test_tiny_broken_*.log')).read_text()
+    assert 'img2.png' in log_text and '1 unreadable image(s) skipped' in log_text
+
+
+def test_training_reaches_total_iter_when_batches_do_not_divide_the_set(image_set, tmp_path):
+    """4 images in batches of 3: one batch per epoch (the last incomplete one is dropped), 4 epochs for 4 iters."""
+    opt = train_options(image_set, 'uneven', total_iter=4)
+    opt['datasets']['train']['batch_size_per_gpu'] = 3
+    opt['logger']['save_checkpoint_freq'] = 4
+    opt.pop('val')
+    train_pipeline(str(tmp_path), ['-opt', write_yaml(tmp_path / 'uneven.yml', opt)])
+    assert (tmp_path / 'experiments/uneven/training_states/4.state').is_file()

@@ -200,7 +200,7 @@ def _first_line(error: BaseException) -> str:
     return f'{type(error).__name__}: {text.splitlines()[0] if text else "(no message)"}'
 
 
-def _load_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
+def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
     try:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -209,10 +209,18 @@ def _load_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
                           'installed: pip install safetensors') from None
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else 'cpu'
     try:
-        return load_file(str(path), device=device)
+        tensors = load_file(str(path), device=device)
     except SafetensorError as error:
         raise ValueError(f'{path} is not a readable .safetensors file (corrupt or truncated?): '
                          f'{_first_line(error)}') from error
+    # A .safetensors file holds one flat dict. scripts/convert_checkpoint.py stores the entries of a released
+    # checkpoint as 'params_ema.<key>' / 'params.<key>'; nest them again so that param_key works as for a .pth. A
+    # plain state dict (no such prefix on some key) is returned as it is.
+    containers = {key.split('.', 1)[0] for key in tensors}
+    if tensors and containers <= set(DEFAULT_PARAM_KEYS) and all('.' in key for key in tensors):
+        return {name: {key[len(name) + 1:]: value for key, value in tensors.items() if key.startswith(f'{name}.')}
+                for name in DEFAULT_PARAM_KEYS if name in containers}
+    return tensors
 
 
 def load_state_dict(path: str | PathLike, param_key: str | None = None, *, map_location: Any = 'cpu',

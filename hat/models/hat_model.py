@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from hat.archs.detect import describe_mismatch, load_state_dict
 from hat.archs.window import pad_to_multiple
+from hat.data.errors import UnreadableImageError
 from hat.utils.atomic import atomic_torch_save
 from hat.utils.ensemble import self_ensemble
 from hat.utils.resume import capture_rng_state
@@ -153,7 +154,7 @@ class HATModel(SRModel):
         warned_no_gt = False
 
         bar = tqdm(total=len(dataloader), unit='image', desc=dataset_name, disable=not val_opt.get('pbar', False))
-        for val_data in dataloader:
+        for val_data in _skipping_unreadable(dataloader, dataset_name, bar):
             img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             self.feed_data(val_data)
             self.test()
@@ -194,3 +195,25 @@ class HATModel(SRModel):
             return osp.join(root, img_name, f'{img_name}_{current_iter}.png')
         suffix = self.opt['val'].get('suffix') or self.opt['name']
         return osp.join(root, dataset_name, f'{img_name}_{suffix}.png')
+
+
+def _skipping_unreadable(dataloader, dataset_name: str, bar: tqdm):
+    """Iterate a validation loader, skipping (with a warning) items whose image cannot be read.
+
+    One broken file must not cost the evaluation of the rest of the set; the metrics are averaged over the images
+    that were read, and the log says how many were skipped.
+    """
+    iterator = iter(dataloader)
+    skipped = 0
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            break
+        except UnreadableImageError as err:
+            skipped += 1
+            bar.update(1)
+            logger.warning(f'Validation of {dataset_name}: skipping an image. {err}')
+    if skipped:
+        logger.warning(f'Validation of {dataset_name}: {skipped} unreadable image(s) skipped; metrics average the '
+                       f'{len(dataloader) - skipped} others.')

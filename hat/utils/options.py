@@ -4,12 +4,16 @@ Compared with ``basicsr.utils.options.parse_options``:
 * ``num_gpu: 1`` (or ``auto``) without CUDA runs on the CPU with one warning instead of crashing;
 * ``--launcher pytorch`` (torchrun) works on the CPU: the backend falls back from nccl to gloo;
 * ``--force_yml`` values are parsed as YAML (no ``eval``/``exec``), and unknown keys are reported;
+* every ``network_*`` section is checked against its architecture's constructor, and ``model_type`` against the
+  registered models: a misspelt key is an error with a suggestion, where the official code ignores it silently;
 * relative paths (datasets, checkpoints, meta_info files) that do not exist from the working directory are looked up
   under the project root, so that the shipped option files run from any working directory.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import random
 import warnings
 from os import path as osp
@@ -19,6 +23,7 @@ import torch
 import yaml
 from basicsr.utils import set_random_seed
 from basicsr.utils.dist_util import get_dist_info
+from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY, Registry
 
 from hat.utils.dist import init_dist
 
@@ -65,6 +70,60 @@ def apply_force_yml(opt: dict, entries: list[str]) -> None:
                 raise KeyError(f'--force_yml {entry!r}: option {key!r} does not exist or is not a section')
             node = node[key]
         node[last] = yaml.safe_load(value.strip())
+
+
+def _registered(registry: Registry, name: str) -> type | None:
+    """What ``registry.get(name)`` returns, without its print and KeyError: ``name``, else ``name_basicsr``."""
+    for key in (name, f'{name}_basicsr'):
+        if key in registry:
+            return registry.get(key)
+    return None
+
+
+def _unknown_name(what: str, name: Any, registry: Registry) -> ValueError:
+    names = sorted(key for key, _ in registry)
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f' Did you mean {close[0]!r}?' if close else ''
+    return ValueError(f'{what} {name!r} is not registered.{hint} Registered: {", ".join(names)}.')
+
+
+def check_network_options(opt: dict) -> None:
+    """Check ``model_type`` and every ``network_*`` section against what is registered.
+
+    basicsr's ``build_network`` passes a section's keys to the architecture's constructor; the official HAT
+    architecture takes ``**kwargs`` and drops what it does not know, so ``window_szie: 16`` used to train a network
+    with the default window without a word. Here each key must be a parameter of the constructor.
+
+    Raises:
+        ValueError: an unregistered ``model_type`` or architecture ``type`` (naming the registered ones), or a key
+            the architecture does not take (naming the section, the closest valid key and all accepted keys).
+    """
+    import basicsr.archs  # noqa: F401  (fills ARCH_REGISTRY with basicsr's own architectures)
+    import basicsr.models  # noqa: F401  (fills MODEL_REGISTRY)
+
+    if 'model_type' in opt and _registered(MODEL_REGISTRY, str(opt['model_type'])) is None:
+        raise _unknown_name('model_type', opt['model_type'], MODEL_REGISTRY)
+    for section, network in opt.items():
+        if not str(section).startswith('network_') or network is None:
+            continue
+        if not isinstance(network, dict) or 'type' not in network:
+            raise ValueError(f'{section} must be a mapping with a type (the architecture), e.g. type: HAT')
+        arch = _registered(ARCH_REGISTRY, str(network['type']))
+        if arch is None:
+            raise _unknown_name(f'{section}: architecture type', network['type'], ARCH_REGISTRY)
+        parameters = inspect.signature(arch).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            continue  # takes any keyword: nothing to check against
+        accepted = [p.name for p in parameters
+                    if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        unknown = [key for key in network if key != 'type' and key not in accepted]
+        if unknown:
+            problems = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), accepted, n=1)
+                problems.append(f'{key!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+            raise ValueError(f'{section}: {network["type"]} has no option {", ".join(problems)}. {network["type"]} '
+                             f'accepts: {", ".join(accepted)}.')
 
 
 def resolve_num_gpu(opt: dict) -> None:
@@ -115,6 +174,7 @@ def parse_options(root_path: str, is_train: bool = True, argv: list[str] | None 
     opt.setdefault('path', {})
     if args.force_yml:
         apply_force_yml(opt, args.force_yml)
+    check_network_options(opt)
 
     resolve_num_gpu(opt)
     if args.launcher == 'none':
