@@ -1,10 +1,14 @@
+# `make demo`: upscale the demo photos with the shipped HAT-demo model and print PSNR/SSIM against bicubic.
 # `make test`: create .venv when missing, install the requirements and the package, run the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean-venv
+.PHONY: demo test install clean-venv
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
