@@ -20,9 +20,9 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.9',
     packages=find_packages(include=['hat', 'hat.*']),
-    package_data={'hat': ['data/meta_info/*.txt', 'py.typed']},
+    package_data={'hat': ['data/*.json', 'data/meta_info/*.txt']},
     install_requires=read_requirements(),
-    entry_points={'console_scripts': []},
+    entry_points={'console_scripts': ['hat-upscale = hat.upscale:cli']},
     classifiers=[
         'Programming Language :: Python :: 3',
         'License :: OSI Approved :: Apache Software License',
