@@ -44,14 +44,6 @@ TINY_HAT = {
 SHIPPED_LAYER_WEIGHTS = {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1, 'conv4_4': 1, 'conv5_4': 1}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """These tensors are tiny: with two busy cores, OpenMP hand-offs cost more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def textured_image(rng: np.random.Generator, size: int) -> np.ndarray:
     """uint8 BGR [size, size, 3]: smooth colour ramps with sharp-edged blocks (so USM sharpening changes it)."""

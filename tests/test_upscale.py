@@ -33,14 +33,6 @@ TINY_HAT = dict(upscale=SCALE, in_chans=3, img_size=16, window_size=4, embed_dim
 H, W = 12, 20  # input size of the test images (landscape, so that a rotation shows)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny networks run many small operators: one thread avoids OpenMP contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope='module')
 def hat_checkpoint(tmp_path_factory) -> Path:

@@ -22,7 +22,8 @@ def setup_logger(log_file: str | None, rank: int = 0) -> logging.Logger:
     console.setFormatter(formatter)
     logger.addHandler(console)
     if log_file is not None and rank == 0:
-        file_handler = logging.FileHandler(log_file, 'w')
+        # append: two runs started within the same second share a log name, and neither log may be lost
+        file_handler = logging.FileHandler(log_file, 'a')
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     # basicsr's get_root_logger() would otherwise add its own handler on first use and print everything twice.
