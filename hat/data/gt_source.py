@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 from basicsr.data.data_util import paths_from_lmdb
 from basicsr.utils import FileClient, imfrombytes
+from torch.utils import data
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 SUPPORTED_BACKENDS = ('disk', 'lmdb')
@@ -179,3 +180,28 @@ class GTImageSource:
             where = f'key {path!r} of lmdb {self.root}' if self.backend == 'lmdb' else path
             raise ValueError(f'{self.dataset}: cannot decode GT image {where} (corrupt or not an image file)')
         return img.astype(np.float32) / 255.0, path
+
+
+class GTOnlyDataset(data.Dataset):
+    """Base of the datasets that read GT images only (their LQ is synthesised): the GT source, paths and length.
+
+    Sets ``self.opt``, ``self.name`` and ``self.source`` from ``dataroot_gt``, ``io_backend`` and ``meta_info_file``.
+    """
+
+    def __init__(self, opt: dict[str, Any], *, default_name: str) -> None:
+        super().__init__()
+        self.opt = opt
+        self.name = opt.get('name', default_name)
+        if 'dataroot_gt' not in opt:
+            raise KeyError(f'{self.name}: the dataset options need `dataroot_gt` (the folder of GT images)')
+        self.source = GTImageSource(dataroot=opt['dataroot_gt'], io_backend=opt.get('io_backend', {'type': 'disk'}),
+                                    meta_info_file=resolve_meta_info_file(opt, dataset=self.name),
+                                    dataset=self.name)
+
+    @property
+    def paths(self) -> list[str]:
+        """GT file paths (disk) or lmdb keys, in dataset order."""
+        return self.source.paths
+
+    def __len__(self) -> int:
+        return len(self.source)

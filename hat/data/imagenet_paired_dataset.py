@@ -29,9 +29,8 @@ from basicsr.utils import bgr2ycbcr, img2tensor
 from basicsr.utils.matlab_functions import imresize
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch import Tensor
-from torch.utils import data
 
-from hat.data.gt_source import GTImageSource, resolve_meta_info_file
+from hat.data.gt_source import GTOnlyDataset
 
 SUPPORTED_COLORS = (None, 'y')
 
@@ -53,7 +52,7 @@ def bicubic_downscale(img: np.ndarray, scale: int) -> np.ndarray:
 
 
 @DATASET_REGISTRY.register()
-class ImageNetPairedDataset(data.Dataset):
+class ImageNetPairedDataset(GTOnlyDataset):
     """GT images paired with their bicubic downscale, made while loading.
 
     Options (the ``datasets.<phase>`` block of an option file; ``scale`` and ``phase`` are added by the pipeline):
@@ -70,9 +69,8 @@ class ImageNetPairedDataset(data.Dataset):
     """
 
     def __init__(self, opt: dict[str, Any]) -> None:
-        super().__init__()
-        self.opt = opt
-        name = opt.get('name', 'ImageNetPairedDataset')
+        super().__init__(opt, default_name='ImageNetPairedDataset')
+        name = self.name
         if 'scale' not in opt:
             raise KeyError(f'{name}: the dataset options need `scale` (the training pipeline copies it from the top '
                            'level of the option file)')
@@ -89,18 +87,6 @@ class ImageNetPairedDataset(data.Dataset):
             if self.gt_size <= 0 or self.gt_size % self.scale:
                 raise ValueError(f'{name}: gt_size must be a positive multiple of scale {self.scale}, '
                                  f'got {self.gt_size}')
-        if 'dataroot_gt' not in opt:
-            raise KeyError(f'{name}: the dataset options need `dataroot_gt` (the folder of GT images)')
-        self.source = GTImageSource(dataroot=opt['dataroot_gt'], io_backend=opt.get('io_backend', {'type': 'disk'}),
-                                    meta_info_file=resolve_meta_info_file(opt, dataset=name), dataset=name)
-
-    @property
-    def paths(self) -> list[str]:
-        """GT file paths (disk) or lmdb keys, in dataset order."""
-        return self.source.paths
-
-    def __len__(self) -> int:
-        return len(self.source)
 
     def _train_patch(self, img_gt: np.ndarray, path: str) -> np.ndarray:
         """A random, augmented ``[gt_size, gt_size, C]`` patch of a mod-cropped GT image."""

@@ -37,9 +37,8 @@ from basicsr.data.transforms import augment
 from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch import Tensor
-from torch.utils import data
 
-from hat.data.gt_source import GTImageSource, resolve_meta_info_file
+from hat.data.gt_source import GTOnlyDataset
 
 SUPPORTED_KERNELS = ('iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso')
 MIN_KERNEL_SIZE = 7
@@ -153,7 +152,7 @@ def crop_or_pad(img: np.ndarray, size: int) -> np.ndarray:
 
 
 @DATASET_REGISTRY.register()
-class RealESRGANDataset(data.Dataset):
+class RealESRGANDataset(GTOnlyDataset):
     """GT patches with random degradation kernels for Real-ESRGAN-style training.
 
     Options (the ``datasets.train`` block of ``train_Real_HAT_*.yml``):
@@ -171,11 +170,8 @@ class RealESRGANDataset(data.Dataset):
     """
 
     def __init__(self, opt: dict[str, Any]) -> None:
-        super().__init__()
-        self.opt = opt
-        name = opt.get('name', 'RealESRGANDataset')
-        if 'dataroot_gt' not in opt:
-            raise KeyError(f'{name}: the dataset options need `dataroot_gt` (the folder of GT images)')
+        super().__init__(opt, default_name='RealESRGANDataset')
+        name = self.name
         self.crop_pad_size = int(opt.get('crop_pad_size', DEFAULT_CROP_PAD_SIZE))
         if self.crop_pad_size <= 0:
             raise ValueError(f'{name}: crop_pad_size must be positive, got {self.crop_pad_size}')
@@ -184,16 +180,6 @@ class RealESRGANDataset(data.Dataset):
         if 'final_sinc_prob' not in opt:
             raise KeyError(f'{name}: RealESRGANDataset options lack final_sinc_prob')
         self.final_sinc_prob = float(opt['final_sinc_prob'])
-        self.source = GTImageSource(dataroot=opt['dataroot_gt'], io_backend=opt.get('io_backend', {'type': 'disk'}),
-                                    meta_info_file=resolve_meta_info_file(opt, dataset=name), dataset=name)
-
-    @property
-    def paths(self) -> list[str]:
-        """GT file paths (disk) or lmdb keys, in dataset order."""
-        return self.source.paths
-
-    def __len__(self) -> int:
-        return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         img_gt, gt_path = self.source.read(index)
