@@ -4,6 +4,9 @@ Everything here is a pure function of sizes; none of it holds learnable state.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,18 +104,107 @@ def shift_mask_patterns(window_size: int, shift_size: int, device: torch.device 
     return torch.stack(patterns).view(2, 2, n, n)
 
 
-def full_shift_mask(patterns: Tensor, n_rows: int, n_cols: int) -> Tensor:
-    """Mask of every window of an ``n_rows`` x ``n_cols`` grid, as the official implementation builds it.
+class WindowOrder(NamedTuple):
+    """Tokens of a batch of maps rearranged into (shifted) windows, windows grouped by the shift mask they need.
+
+    ``gather`` lists, for each position of the window order, the flat index (b * H * W + y * W + x) of the token of
+    the unshifted maps that lands there; ``scatter`` is its inverse permutation. ``groups`` gives, in order, the
+    number of windows of each group and its (is_last_row, is_last_col) key into :func:`shift_mask_patterns`.
+    """
+    gather: Tensor
+    scatter: Tensor
+    groups: tuple[tuple[int, int, int], ...]
+
+
+def window_order(batch: int, height: int, width: int, window_size: int, shift_size: int,
+                 device: torch.device) -> WindowOrder:
+    """How HAB's (shifted) window attention reads and writes the token maps, as one gather and one scatter.
+
+    The official code rolls the map by ``-shift_size`` (two copies), partitions it into windows (one more) and adds
+    a shift mask to every window; the inverse also takes three copies. A single row gather does the roll and the
+    partition at once, and ordering the windows by mask group (interior, last window column, last window row,
+    corner) lets each group attend with one shared [N, N] mask on a contiguous slice of windows. Without a shift
+    there is one group, in row-major window order. Inside a group, windows run over the batch, then row-major.
 
     Args:
-        patterns: [2, 2, N, N] from :func:`shift_mask_patterns`.
+        batch, height, width: map sizes (multiples of ``window_size``).
     Returns:
-        [n_rows * n_cols, N, N].
+        the :class:`WindowOrder` (index tensors of B * H * W entries on ``device``; cached for the last 16 layouts,
+        except while ``torch.compile`` traces, which builds the indices into its graph).
     """
-    last_row = (torch.arange(n_rows, device=patterns.device) == n_rows - 1).long()
-    last_col = (torch.arange(n_cols, device=patterns.device) == n_cols - 1).long()
-    masks = patterns[last_row[:, None], last_col[None, :]]  # [n_rows, n_cols, N, N]
-    return masks.flatten(0, 1)
+    if compiling():
+        return _window_order(batch, height, width, window_size, shift_size, device)
+    return _cached_window_order(batch, height, width, window_size, shift_size, device)
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller (always False before torch 2.3)."""
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return bool(is_compiling and is_compiling())
+
+
+def _window_order(batch: int, height: int, width: int, window_size: int, shift_size: int,
+                  device: torch.device) -> WindowOrder:
+    n_rows, n_cols = height // window_size, width // window_size
+    local = torch.arange(window_size)
+    if shift_size > 0:
+        keys = ((0, 0), (0, 1), (1, 0), (1, 1))  # (is_last_row, is_last_col)
+    else:
+        keys = ((0, 0), )
+    parts, groups = [], []
+    for last_row, last_col in keys:
+        rows = torch.arange(n_rows)
+        cols = torch.arange(n_cols)
+        if shift_size > 0:
+            rows = rows[(rows == n_rows - 1) == bool(last_row)]
+            cols = cols[(cols == n_cols - 1) == bool(last_col)]
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        # Position (y, x) of the rolled map holds the token ((y + shift) % H, (x + shift) % W) of the map.
+        y = (rows[:, None, None, None] * window_size + local[None, None, :, None] + shift_size) % height
+        x = (cols[None, :, None, None] * window_size + local[None, None, None, :] + shift_size) % width
+        flat = (y * width + x).reshape(-1)  # [windows * N], windows row-major, tokens row-major
+        parts.append((torch.arange(batch)[:, None] * (height * width) + flat[None]).reshape(-1))
+        groups.append((batch * len(rows) * len(cols), last_row, last_col))
+    gather = torch.cat(parts)
+    scatter = torch.empty_like(gather)
+    scatter[gather] = torch.arange(gather.numel())
+    return WindowOrder(gather.to(device), scatter.to(device), tuple(groups))
+
+
+_cached_window_order = functools.lru_cache(maxsize=16)(_window_order)
+
+
+def overlapping_window_index(batch: int, height: int, width: int, window_size: int, overlap_win_size: int,
+                             device: torch.device) -> Tensor:
+    """Rows of the zero-padded key/value maps that form OCAB's enlarged windows, as one gather index.
+
+    The maps [B, H, W, C] are padded by ``p = (ows - ws) / 2`` on every side (as ``nn.Unfold(ows, stride=ws,
+    padding=p)`` does) and flattened to [B * (H + 2p) * (W + 2p), C]; window (b, i, j) takes the ows x ows block at
+    (i * ws, j * ws) of that padded map. A row gather (``index_select``) makes all windows in one copy and, unlike
+    ``unfold``, has a fast backward (index_add) for training.
+
+    Returns:
+        [B * nRows * nCols * ows * ows] int64 on ``device``: windows batch-major then row-major (the order of
+        :func:`window_order` without shift), tokens row-major inside each window.
+    """
+    if compiling():
+        return _overlapping_window_index(batch, height, width, window_size, overlap_win_size, device)
+    return _cached_overlapping_window_index(batch, height, width, window_size, overlap_win_size, device)
+
+
+def _overlapping_window_index(batch: int, height: int, width: int, window_size: int, overlap_win_size: int,
+                              device: torch.device) -> Tensor:
+    pad = (overlap_win_size - window_size) // 2
+    padded_h, padded_w = height + 2 * pad, width + 2 * pad
+    local = torch.arange(overlap_win_size)
+    y = torch.arange(height // window_size)[:, None, None, None] * window_size + local[None, None, :, None]
+    x = torch.arange(width // window_size)[None, :, None, None] * window_size + local[None, None, None, :]
+    flat = (y * padded_w + x).reshape(-1)
+    return (torch.arange(batch)[:, None] * (padded_h * padded_w) + flat[None]).reshape(-1).to(device)
+
+
+_cached_overlapping_window_index = functools.lru_cache(maxsize=16)(_overlapping_window_index)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:

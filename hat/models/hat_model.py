@@ -7,10 +7,13 @@ Differences from basicsr's SRModel (and from the official HATModel):
 * the network is put back in the mode it was in after inference (the official code leaves it in eval mode);
 * a validation set without ground truth writes its images and warns that metrics were skipped;
 * checkpoints load with ``weights_only=True`` and a mismatch names the keys and the variant the file looks like;
-* checkpoints and training states are written atomically; distributed training works on the CPU (gloo).
+* checkpoints and training states are written atomically; distributed training works on the CPU (gloo);
+* mixed precision and compilation by option: ``train: {amp: bf16|fp16|false, compile: true|false}`` and
+  ``val: {amp: bf16|fp16|false}`` (see :func:`amp_dtype`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from os import path as osp
@@ -33,6 +36,37 @@ from hat.utils.resume import capture_rng_state
 from hat.utils.tiling import tiled_forward
 
 logger = logging.getLogger('basicsr')
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def amp_dtype(value, where: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype an ``amp`` option asks for, or None for full precision.
+
+    bf16 is the one to use for HAT: it has fp32's range, needs no gradient scaler and runs on the CPU and on CUDA.
+    fp16 is accepted on CUDA only (with a gradient scaler in training); HAT's attention logits are known to overflow
+    fp16 (users of the official code and its descendants report NaN losses), so it is not recommended.
+
+    Args:
+        value: the option's value: ``bf16``, ``fp16``, or ``false``/``fp32``/absent for full precision.
+        where: the option's section, for error messages (``train`` or ``val``).
+    Raises:
+        ValueError: an unknown value, or fp16 without CUDA.
+    """
+    if value in (None, False, 'false', 'fp32', 'none'):
+        return None
+    if value not in AMP_DTYPES:
+        raise ValueError(f'{where}: amp: {value!r} is not supported; use bf16 (recommended), fp16 (CUDA only) or '
+                         'false.')
+    if value == 'fp16' and device.type != 'cuda':
+        raise ValueError(f'{where}: amp: fp16 needs CUDA (fp16 autocast and its gradient scaler); this run is on '
+                         f'{device.type}. Use {where}: amp: bf16 instead.')
+    return AMP_DTYPES[value]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @MODEL_REGISTRY.register()
@@ -103,6 +137,80 @@ class HATModel(SRModel):
         }
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
+    # ----- training -----
+    def init_training_settings(self) -> None:
+        self.setup_training_precision()  # an fp16 request on the CPU fails here, before anything is built
+        super().init_training_settings()
+        if self.opt['train'].get('compile', False):
+            self.compile_network(self.net_g)
+
+    def setup_training_precision(self) -> None:
+        """Set ``train_amp`` (the autocast dtype of ``train: amp``, or None) and ``grad_scaler`` (fp16 only).
+
+        Subclasses that replace ``init_training_settings`` get it on their first ``optimize_parameters``.
+        """
+        self.train_amp = amp_dtype(self.opt['train'].get('amp', False), 'train', self.device)
+        self.grad_scaler = None
+        if self.train_amp is torch.float16:
+            logger.warning('train: amp: fp16 overflows in HAT\'s attention in reported runs (NaN losses); '
+                           'amp: bf16 is the recommended mixed precision.')
+            scaler_class = getattr(torch.amp, 'GradScaler', None)  # torch >= 2.3; before: torch.cuda.amp
+            self.grad_scaler = scaler_class('cuda') if scaler_class else torch.cuda.amp.GradScaler()
+
+    def compile_network(self, net: torch.nn.Module) -> None:
+        """``torch.compile`` in place: HAT's blocks (``compile_blocks``) or, for other networks, the whole module.
+
+        In place, so that checkpoints keep their key names.
+        """
+        bare = self.get_bare_model(net)
+        logger.info(f'Compiling {type(bare).__name__} with torch.compile (the first iterations are slow).')
+        if hasattr(bare, 'compile_blocks'):
+            bare.compile_blocks()
+        else:
+            bare.compile()
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        """One step: forward (under ``train: amp`` autocast), losses, backward, optimiser step, EMA."""
+        if not hasattr(self, 'train_amp'):
+            self.setup_training_precision()
+        self.optimizer_g.zero_grad(set_to_none=True)
+        with autocast(self.device, self.train_amp):
+            self.output = self.net_g(self.lq)
+            output = self.output.float()
+            l_total = 0
+            loss_dict = OrderedDict()
+            if self.cri_pix:
+                l_pix = self.cri_pix(output, self.gt)
+                l_total += l_pix
+                loss_dict['l_pix'] = l_pix
+            if self.cri_perceptual:
+                l_percep, l_style = self.cri_perceptual(output, self.gt)
+                if l_percep is not None:
+                    l_total += l_percep
+                    loss_dict['l_percep'] = l_percep
+                if l_style is not None:
+                    l_total += l_style
+                    loss_dict['l_style'] = l_style
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(l_total).backward()
+            self.grad_scaler.step(self.optimizer_g)
+            self.grad_scaler.update()
+        else:
+            l_total.backward()
+            self.optimizer_g.step()
+
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def model_ema(self, decay: float = 0.999) -> None:
+        """net_g_ema = decay * net_g_ema + (1 - decay) * net_g, over all parameters at once (``_foreach``)."""
+        source = dict(self.get_bare_model(self.net_g).named_parameters())
+        names, targets = zip(*self.net_g_ema.named_parameters())
+        with torch.no_grad():
+            torch._foreach_lerp_(list(targets), [source[name].detach() for name in names], 1 - decay)
+
     # ----- inference -----
     def _network_for_inference(self) -> torch.nn.Module:
         return self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
@@ -111,7 +219,8 @@ class HATModel(SRModel):
         return int(self.opt['network_g'].get('window_size', 1))
 
     def super_resolve(self, lq: Tensor) -> Tensor:
-        """[B, C, H, W] -> [B, C, H * scale, W * scale] with padding, tiling and self-ensemble per the options."""
+        """[B, C, H, W] -> [B, C, H * scale, W * scale] (float32) with padding, tiling, self-ensemble and
+        precision (``val: amp``) per the options."""
         net = self._network_for_inference()
         scale = self.opt['scale']
         multiple = self._window_multiple()
@@ -128,9 +237,10 @@ class HATModel(SRModel):
                 out = net(padded)
             return out[..., :h * scale, :w * scale]
 
-        if (self.opt.get('val') or {}).get('self_ensemble', False):
-            return self_ensemble(run, lq)
-        return run(lq)
+        val_opt = self.opt.get('val') or {}
+        with autocast(self.device, amp_dtype(val_opt.get('amp', False), 'val', self.device)):
+            out = self_ensemble(run, lq) if val_opt.get('self_ensemble', False) else run(lq)
+        return out.float()
 
     def test(self) -> None:
         net = self._network_for_inference()

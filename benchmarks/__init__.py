@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of this project's HAT against the official computation (see ``bench_*.py``)."""

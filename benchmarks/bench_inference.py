@@ -1,0 +1,401 @@
+"""Inference speed and memory of HAT: the official computation against this project's paths.
+
+    python benchmarks/bench_inference.py --quick                      # HAT x4 at 64x64 (a minute on 2 cores)
+    python benchmarks/bench_inference.py --sizes 64,128 --out speed.md
+    python benchmarks/bench_inference.py                              # HAT-S, HAT, HAT-L at 64, 128, 256 (long)
+
+Paths (``--paths``):
+    official   ``benchmarks.official_baseline.OfficialHAT``: the released code's computation, fp32 (the baseline)
+    reference  our HAT with ``set_fused_attn(False)`` (explicit attention), fp32
+    fp32       our HAT as it runs by default, fp32
+    bf16       our HAT under ``torch.autocast(dtype=torch.bfloat16)`` (what ``val: {amp: bf16}`` does)
+    compile    our HAT after ``compile_blocks()`` (``torch.compile`` of each HAB and OCAB), fp32
+    compile-bf16  the same under bf16 autocast
+
+Method:
+* Time: every path runs ``--warmup`` times (not timed; for the compiled paths this includes compilation, whose time
+  is reported), then ``--repeats`` rounds in which the paths run one after another (interleaved, so that a change of
+  machine load hits all of them alike); the table gives the median wall time and the fastest round.
+* Memory: on the CPU, each (variant, size, path) runs in a fresh subprocess whose C allocator returns every block
+  of 128 KiB or more to the system when it is freed (``MALLOC_MMAP_THRESHOLD_=131072``), so that the resident size
+  follows the memory in use instead of what the allocator keeps for reuse. One forward warms up, then the kernel's
+  peak-RSS mark is reset (``/proc/self/clear_refs``) and the growth of peak RSS over the resident size before the
+  measured forward is reported (activations and workspace; the weights and the input are excluded). Where the mark
+  cannot be reset, the child reports peak RSS (``getrusage``) minus the resident size before its first forward.
+  On CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the forward.
+* FLOPs: counted once per configuration with ``torch.utils.flop_counter`` on the meta device (matrix products and
+  convolutions, 2 FLOPs per multiply-add); achieved GFLOP/s = FLOPs / median time, and its share of the machine's
+  matrix-multiply rate (2048 x 2048 products in fp32 and bf16, measured at the start and the end of the run; fp32
+  both with ``torch.matmul`` and with the oneDNN kernel of our ``Linear``, which differ by 2x on AMD CPUs).
+* Checks: the largest absolute difference of each fp32 path's output from the baseline's, and the PSNR of each
+  bf16 path's output against our fp32 output, with the fp32 output's range as the peak.
+* Weights: random (the networks' own initialisation, seeded) unless ``--weights`` gives a checkpoint; the input is a
+  smooth synthetic image. Speed does not depend on the values; the PSNR does.
+
+HAT-L at 256x256 takes minutes per forward on two CPU cores (the baseline most); ``--sizes 64,128`` skips it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import hat  # noqa: E402,F401  (compat shim before basicsr)
+from benchmarks.official_baseline import OfficialHAT  # noqa: E402
+from hat.archs.hat_arch import HAT  # noqa: E402
+
+MANIFESTS = ROOT / 'tests' / 'data' / 'golden'
+VARIANTS = ('HAT-S', 'HAT', 'HAT-L')
+SIZES = (64, 128, 256)
+PATHS = ('official', 'reference', 'fp32', 'bf16', 'compile', 'compile-bf16')
+DEFAULT_PATHS = ('official', 'fp32', 'bf16', 'compile')
+BF16_PATHS = ('bf16', 'compile-bf16')
+
+
+def network_config(variant: str, scale: int = 4) -> dict:
+    """``network_g`` of a released variant (from the golden manifests), without ``type``."""
+    manifest = MANIFESTS / f'manifest_{variant}_SRx{scale}.json'
+    if not manifest.is_file():
+        raise SystemExit(f'{manifest} not found: variants are {", ".join(VARIANTS)} at x2, x3, x4.')
+    cfg = dict(json.loads(manifest.read_text())['network_g'])
+    cfg.pop('type')
+    return cfg
+
+
+def test_image(size: int) -> torch.Tensor:
+    """A smooth, deterministic RGB image [1, 3, size, size] in [0, 1] (sinusoids of several frequencies)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
+    channels = [0.5 + 0.25 * torch.sin(11 * xx + 3 * c) * torch.cos(7 * yy - c) + 0.1 * torch.sin(40 * xx * yy + c)
+                for c in range(3)]
+    return torch.stack(channels)[None].clamp(0, 1)
+
+
+def build(path: str, cfg: dict, state_dict: dict | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward function of a path (eval mode, no autograd)."""
+    net = (OfficialHAT if path == 'official' else HAT)(**cfg)
+    if state_dict is not None:
+        net.load_state_dict(state_dict, strict=True)
+    net = net.to(device).eval()
+    if path == 'reference':
+        net.set_fused_attn(False)
+    if path.startswith('compile'):
+        net.compile_blocks()
+    low_precision = path in BF16_PATHS
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
+            return net(x)
+
+    return forward
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, *, onednn: bool = False, n: int = 2048,
+                repeats: int = 5) -> float | None:
+    """GFLOP/s of an n x n matrix product (median of ``repeats``): ``torch.matmul``, or with ``onednn`` the oneDNN
+    kernel our fp32 CPU ``Linear`` uses (None where there is none)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    if onednn:
+        if device.type != 'cpu' or not hasattr(torch.ops.mkldnn, '_linear_pointwise'):
+            return None
+
+        def product():
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, 'none', [], '')
+    else:
+
+        def product():
+            return a @ b
+
+    product()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        product()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def matmul_rates(device: torch.device) -> dict:
+    return {'fp32': matmul_rate(torch.float32, device), 'fp32-onednn': matmul_rate(torch.float32, device, onednn=True),
+            'bf16': matmul_rate(torch.bfloat16, device)}
+
+
+def count_flops(cfg: dict, size: int) -> float:
+    """Matrix-product and convolution FLOPs of one forward at ``size`` x ``size`` (counted on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'):
+        net = OfficialHAT(**cfg).eval()  # explicit attention products: counted on every torch version
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.empty(1, 3, size, size, device='meta'))
+    return float(counter.get_total_flops())
+
+
+# ----- memory -----
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(spec: dict) -> dict:
+    """Runs in a fresh process: peak memory growth of one forward (MiB), see the module doc."""
+    torch.set_num_threads(spec['threads'])
+    device = torch.device(spec['device'])
+    torch.manual_seed(0)
+    forward = build(spec['path'], network_config(spec['variant']), None, device)
+    x = test_image(spec['size']).to(device)
+    if device.type == 'cuda':
+        forward(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        forward(x)
+        torch.cuda.synchronize()
+        return {'peak_mib': (torch.cuda.max_memory_allocated() - before) / 2**20, 'method': 'cuda'}
+    rss_before_first = _proc_status_kib('VmRSS')
+    forward(x)
+    if _reset_peak_rss():
+        before = _proc_status_kib('VmRSS')
+        forward(x)
+        return {'peak_mib': (_proc_status_kib('VmHWM') - before) / 1024, 'method': 'VmHWM'}
+    forward(x)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {'peak_mib': (peak_kib - (rss_before_first or 0)) / 1024, 'method': 'ru_maxrss'}
+
+
+# glibc: blocks from this size up are mapped on allocation and unmapped when freed (no dynamic threshold).
+MEMORY_CHILD_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'}
+
+
+def run_memory_child(script: str, spec: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, '--memory-child', json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, check=False, env={**os.environ, **MEMORY_CHILD_ENV})
+
+
+def measure_memory(variant: str, size: int, path: str, device: torch.device, threads: int,
+                   timeout: float) -> float | None:
+    spec = {'variant': variant, 'size': size, 'path': path, 'device': str(device), 'threads': threads}
+    try:
+        done = run_memory_child(__file__, spec, timeout)
+    except subprocess.TimeoutExpired:
+        print(f'  memory of {path}: no result within {timeout:.0f} s', file=sys.stderr)
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+    if done.returncode != 0 or not lines:
+        print(f'  memory of {path} failed:\n{done.stderr[-2000:]}', file=sys.stderr)
+        return None
+    return json.loads(lines[-1])['peak_mib']
+
+
+# ----- timing -----
+@dataclass
+class PathResult:
+    times: list = field(default_factory=list)
+    setup_s: float = 0.0
+    error: str | None = None
+    output: torch.Tensor | None = None
+    peak_mib: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    peak = (ref.max() - ref.min()).item()
+    mse = (a.float() - ref.float()).square().mean().item()
+    return float('inf') if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def bench_config(variant: str, size: int, paths: list[str], args, device: torch.device,
+                 state_dict: dict | None) -> dict[str, PathResult]:
+    cfg = network_config(variant)
+    if state_dict is None:
+        torch.manual_seed(0)
+        state_dict = HAT(**cfg).state_dict()
+    x = test_image(size).to(device)
+    results = {p: PathResult() for p in paths}
+    forwards = {}
+    for path in paths:
+        start = time.perf_counter()
+        try:
+            forward = build(path, cfg, state_dict, device)
+            for _ in range(args.warmup):
+                out = forward(x)
+            synchronize(device)
+            results[path].output = out.float().cpu()
+            forwards[path] = forward
+        except Exception as error:  # a path that cannot run here (e.g. no compiler for torch.compile) is reported
+            results[path].error = f'{type(error).__name__}: {str(error).splitlines()[0][:120]}'
+            print(f'  {path}: skipped ({results[path].error})', file=sys.stderr)
+        results[path].setup_s = time.perf_counter() - start
+    for _ in range(args.repeats):
+        for path, forward in forwards.items():
+            synchronize(device)
+            start = time.perf_counter()
+            forward(x)
+            synchronize(device)
+            results[path].times.append(time.perf_counter() - start)
+    if not args.no_memory:
+        for path in forwards:
+            results[path].peak_mib = measure_memory(variant, size, path, device, args.threads, args.memory_timeout)
+    return results
+
+
+# ----- report -----
+def fmt(value: float | None, spec: str, missing: str = '-') -> str:
+    return missing if value is None else format(value, spec)
+
+
+def report_rows(variant: str, size: int, flops: float, results: dict[str, PathResult], rates: dict) -> list[str]:
+    base = results.get('official')
+    base_ok = base is not None and base.times
+    fp32 = results.get('fp32')
+    rows = []
+    for path, res in results.items():
+        if res.error or not res.times:
+            rows.append(f'| {variant} | {size} | {path} | skipped: {res.error} | | | | | | |')
+            continue
+        speed = base.median / res.median if base_ok else None
+        gflops = flops / res.median / 1e9
+        peak_rate = rates['bf16'] if path in BF16_PATHS else max(rates['fp32'], rates['fp32-onednn'] or 0)
+        mem_ratio = (res.peak_mib / base.peak_mib if base_ok and res.peak_mib is not None and base.peak_mib
+                     else None)
+        if path in BF16_PATHS:
+            ref = fp32.output if fp32 is not None and fp32.output is not None else base.output if base_ok else None
+            check = f'PSNR {psnr(res.output, ref):.1f} dB' if ref is not None else '-'
+        elif path != 'official' and base_ok and base.output is not None:
+            check = f'max diff {(res.output - base.output).abs().max().item():.1e}'
+        else:
+            check = 'baseline'
+        setup = f' (compile {res.setup_s:.0f} s)' if path.startswith('compile') else ''
+        rows.append(f'| {variant} | {size} | {path}{setup} | {res.median:.3f} | {min(res.times):.3f} | '
+                    f'{fmt(speed, ".2f")}x | {gflops:.0f} ({100 * gflops / peak_rate:.0f}%) | '
+                    f'{fmt(res.peak_mib, ".0f")} | {fmt(mem_ratio, ".2f")} | {check} |')
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--variants', default=','.join(VARIANTS), help='comma-separated: HAT-S,HAT,HAT-L')
+    parser.add_argument('--sizes', default=','.join(map(str, SIZES)), help='LR input sides, comma-separated')
+    parser.add_argument('--paths', default=','.join(DEFAULT_PATHS), help=f'comma-separated, from {",".join(PATHS)}')
+    parser.add_argument('--repeats', type=int, default=3, help='timed rounds (default 3)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed runs of each path first (default 1)')
+    parser.add_argument('--quick', action='store_true', help='HAT x4 at 64x64 only')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads (default: all)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--weights', help='a HAT checkpoint to load (needs a single --variants entry)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    parser.add_argument('--memory-timeout', type=float, default=1800, help='seconds per memory subprocess')
+    parser.add_argument('--out', help='also write the Markdown report to this file')
+    parser.add_argument('--memory-child', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.variants, args.sizes = 'HAT', '64'
+    args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    args.sizes = [int(s) for s in args.sizes.split(',') if s.strip()]
+    args.paths = [p.strip() for p in args.paths.split(',') if p.strip()]
+    unknown = [p for p in args.paths if p not in PATHS]
+    if unknown:
+        parser.error(f'unknown paths {unknown}; choose from {", ".join(PATHS)}')
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        parser.error(f'unknown variants {bad}; choose from {", ".join(VARIANTS)}')
+    if args.weights and len(args.variants) != 1:
+        parser.error('--weights needs exactly one --variants entry (the variant of the checkpoint)')
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error('--repeats and --warmup must be at least 1')
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return ''
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    state_dict = None
+    if args.weights:
+        from hat.archs.detect import load_state_dict
+        state_dict = load_state_dict(args.weights)
+
+    started = time.time()
+    rates_start = matmul_rates(device)
+    rows = []
+    for variant in args.variants:
+        for size in args.sizes:
+            print(f'{variant} x4 at {size}x{size} ...', file=sys.stderr, flush=True)
+            flops = count_flops(network_config(variant), size)
+            results = bench_config(variant, size, args.paths, args, device, state_dict)
+            rows.append((variant, size, flops, results))
+    rates_end = matmul_rates(device)
+    rates = {k: max(rates_start[k] or 0, rates_end[k] or 0) for k in rates_start}
+
+    load = ' / '.join(f'{v:.2f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
+    lines = [
+        f'HAT x4 inference, {device.type} ({platform.processor() or platform.machine()}, {args.threads} threads), '
+        f'torch {torch.__version__}; {args.repeats} interleaved rounds after {args.warmup} warm-up; '
+        f'{"weights " + args.weights if args.weights else "random weights"}; run took '
+        f'{(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load}.',
+        '',
+        'Matrix-multiply rate (2048x2048, GFLOP/s at the start / end of the run): fp32 torch.matmul '
+        f'{rates_start["fp32"]:.0f} / {rates_end["fp32"]:.0f}, fp32 oneDNN {fmt(rates_start["fp32-onednn"], ".0f")} '
+        f'/ {fmt(rates_end["fp32-onednn"], ".0f")}, bf16 {rates_start["bf16"]:.0f} / {rates_end["bf16"]:.0f}. The % '
+        'column is against the best of these for the precision of the path.',
+        '',
+        '| variant | LR size | path | median s | best s | speed-up vs official | GFLOP/s (% of matmul) '
+        '| peak MiB | memory vs official | check |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for variant, size, flops, results in rows:
+        lines += report_rows(variant, size, flops, results, rates)
+    lines += ['', 'FLOPs per forward (matrix products and convolutions): ' + ', '.join(
+        f'{variant} {size}: {flops / 1e9:.0f} G' for variant, size, flops, _ in rows) + '.']
+    report = '\n'.join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + '\n')
+    return report
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,221 @@
+"""Training speed and memory of HATModel: the official computation in fp32 against the training options.
+
+    python benchmarks/bench_train.py --quick                  # HAT-S, batch 2, 32x32 LR patches
+    python benchmarks/bench_train.py --variants HAT-S,HAT --out train.md
+
+Each mode is a real ``HATModel`` built from options, and one iteration is ``optimize_parameters``: forward, L1 loss,
+backward, Adam step and EMA update (the settings of the official training files: Adam lr 2e-4, betas 0.9/0.99,
+EMA 0.999). Modes (``--modes``):
+
+    official      network_g: {type: OfficialHAT} (benchmarks/official_baseline.py), fp32: the baseline
+    fp32          network_g: {type: HAT}
+    bf16          + train: {amp: bf16}
+    fp32-ckpt     + network_g: {use_checkpoint: true} (recompute each block in backward, less memory)
+    bf16-ckpt     + train: {amp: bf16} and use_checkpoint
+    compile       + train: {compile: true} (torch.compile of each block), fp32
+    compile-bf16  + train: {compile: true, amp: bf16}
+
+Method: every mode runs ``--warmup`` iterations (compilation included), then ``--iters`` rounds in which the modes
+take one iteration each, interleaved; the table gives the median iteration time and iterations per second. Peak
+memory: each mode runs again in a fresh subprocess (with the allocator setting of ``bench_inference.py``, so that
+the resident size follows the memory in use); after one iteration (Adam's state exists then) the kernel's peak-RSS
+mark is reset and the peak growth of one more iteration over the resident size before it is reported (CUDA:
+``torch.cuda.max_memory_allocated`` over the allocation before the iteration).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import hat  # noqa: E402,F401  (compat shim before basicsr)
+import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
+from benchmarks.bench_inference import (VARIANTS, _proc_status_kib, _reset_peak_rss, matmul_rates,  # noqa: E402
+                                        network_config, run_memory_child)
+from hat.models.hat_model import HATModel  # noqa: E402
+
+MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt', 'compile', 'compile-bf16')
+DEFAULT_MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt')
+
+
+def model_options(variant: str, mode: str, patch: int, device: torch.device) -> dict:
+    """HATModel options of a mode (see the module doc)."""
+    network = {'type': 'OfficialHAT' if mode == 'official' else 'HAT', **network_config(variant), 'img_size': patch}
+    if mode.endswith('-ckpt'):
+        network['use_checkpoint'] = True
+    train = {
+        'ema_decay': 0.999,
+        'optim_g': {'type': 'Adam', 'lr': 2e-4, 'weight_decay': 0, 'betas': [0.9, 0.99]},
+        'scheduler': {'type': 'MultiStepLR', 'milestones': [250000], 'gamma': 0.5},
+        'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'},
+        'amp': 'bf16' if 'bf16' in mode else False,
+        'compile': mode.startswith('compile'),
+    }
+    return {
+        'name': f'bench_{mode}', 'model_type': 'HATModel', 'scale': 4, 'num_gpu': int(device.type == 'cuda'),
+        'dist': False, 'rank': 0, 'world_size': 1, 'is_train': True, 'network_g': network,
+        'path': {'pretrain_network_g': None, 'strict_load_g': True}, 'train': train, 'val': {'save_img': False},
+    }
+
+
+def make_batch(batch: int, patch: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    lq = torch.rand(batch, 3, patch, patch, generator=generator)
+    gt = torch.nn.functional.interpolate(lq, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
+    return {'lq': lq.to(device), 'gt': gt.to(device)}
+
+
+def build_model(variant: str, mode: str, patch: int, device: torch.device) -> HATModel:
+    torch.manual_seed(0)
+    return HATModel(model_options(variant, mode, patch, device))
+
+
+def step(model: HATModel, data: dict, iteration: int, device: torch.device) -> float:
+    model.feed_data(data)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.optimize_parameters(iteration)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def memory_child(spec: dict) -> dict:
+    torch.set_num_threads(spec['threads'])
+    device = torch.device(spec['device'])
+    model = build_model(spec['variant'], spec['mode'], spec['patch'], device)
+    data = make_batch(spec['batch'], spec['patch'], device)
+    step(model, data, 1, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(model, data, 2, device)
+        return {'peak_mib': (torch.cuda.max_memory_allocated() - before) / 2**20}
+    if not _reset_peak_rss():
+        return {'peak_mib': None}
+    before = _proc_status_kib('VmRSS')
+    step(model, data, 2, device)
+    return {'peak_mib': (_proc_status_kib('VmHWM') - before) / 1024}
+
+
+def measure_memory(spec: dict, timeout: float) -> float | None:
+    try:
+        done = run_memory_child(__file__, spec, timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+    if done.returncode != 0 or not lines:
+        print(f'  memory of {spec["mode"]} failed:\n{done.stderr[-2000:]}', file=sys.stderr)
+        return None
+    return json.loads(lines[-1])['peak_mib']
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--variants', default='HAT-S,HAT', help='comma-separated: HAT-S,HAT,HAT-L')
+    parser.add_argument('--modes', default=','.join(DEFAULT_MODES), help=f'comma-separated, from {",".join(MODES)}')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--patch', type=int, default=32, help='LR patch side (a multiple of 16, default 32)')
+    parser.add_argument('--iters', type=int, default=3, help='timed rounds (default 3)')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--quick', action='store_true', help='HAT-S only, modes official, fp32, bf16')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--memory-timeout', type=float, default=1800)
+    parser.add_argument('--out', help='also write the Markdown report to this file')
+    parser.add_argument('--memory-child', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.variants, args.modes = 'HAT-S', 'official,fp32,bf16'
+    args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
+    if [v for v in args.variants if v not in VARIANTS]:
+        parser.error(f'variants are {", ".join(VARIANTS)}')
+    if [m for m in args.modes if m not in MODES]:
+        parser.error(f'modes are {", ".join(MODES)}')
+    if args.patch % 16:
+        parser.error('--patch must be a multiple of 16 (the window size of the released variants)')
+    if args.iters < 1 or args.warmup < 1:
+        parser.error('--iters and --warmup must be at least 1')
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return ''
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.time()
+    rates = matmul_rates(device)
+    rows = [f'HATModel training iterations, {device.type} ({platform.processor() or platform.machine()}, '
+            f'{args.threads} threads), torch {torch.__version__}; batch {args.batch}, LR patch {args.patch}x{args.patch} '
+            f'(x4); {args.iters} interleaved rounds after {args.warmup} warm-up.', '',
+            '| variant | mode | median s/iter | iter/s | speed-up vs official | peak MiB | memory vs official | '
+            'loss after warm-up |', '|---|---|---|---|---|---|---|---|']
+    for variant in args.variants:
+        print(f'{variant} ...', file=sys.stderr, flush=True)
+        data = make_batch(args.batch, args.patch, device)
+        models, setup, times, losses, errors = {}, {}, {m: [] for m in args.modes}, {}, {}
+        for mode in args.modes:
+            start = time.perf_counter()
+            try:
+                model = build_model(variant, mode, args.patch, device)
+                for i in range(args.warmup):
+                    step(model, data, i + 1, device)
+                losses[mode] = model.get_current_log()['l_pix']
+                models[mode] = model
+            except Exception as error:  # reported in the table (e.g. torch.compile without a compiler)
+                errors[mode] = f'{type(error).__name__}: {str(error).splitlines()[0][:100]}'
+            setup[mode] = time.perf_counter() - start
+        for r in range(args.iters):
+            for mode, model in models.items():
+                times[mode].append(step(model, data, args.warmup + r + 1, device))
+        memory = {}
+        if not args.no_memory:
+            for mode in models:
+                spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
+                        'device': str(device), 'threads': args.threads}
+                memory[mode] = measure_memory(spec, args.memory_timeout)
+        base = statistics.median(times['official']) if times.get('official') else None
+        for mode in args.modes:
+            if mode in errors:
+                rows.append(f'| {variant} | {mode} | skipped: {errors[mode]} | | | | | |')
+                continue
+            median = statistics.median(times[mode])
+            speed = f'{base / median:.2f}x' if base else '-'
+            mem = memory.get(mode)
+            mem_ratio = f'{mem / memory["official"]:.2f}' if mem and memory.get('official') else '-'
+            label = f'{mode} (compile {setup[mode]:.0f} s)' if mode.startswith('compile') else mode
+            rows.append(f'| {variant} | {label} | {median:.3f} | {1 / median:.2f} | {speed} | '
+                        f'{"-" if mem is None else f"{mem:.0f}"} | {mem_ratio} | {losses[mode]:.4f} |')
+    load = ' / '.join(f'{v:.2f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
+    onednn = rates['fp32-onednn']
+    rows += ['', f'Matrix-multiply rate (2048x2048) at the start: fp32 {rates["fp32"]:.0f} (torch.matmul), '
+             f'{"-" if onednn is None else f"{onednn:.0f}"} (oneDNN), bf16 {rates["bf16"]:.0f} GFLOP/s. '
+             f'Run took {(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load}.']
+    report = '\n'.join(rows)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + '\n')
+    return report
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,149 @@
+"""The speed-ups of the HAT architecture compute the official function: window gathering, chunked low-precision
+attention, the oneDNN linear, and bf16 on every golden case (fp32 golden tests of both paths: test_hat_arch.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import GOLDEN, golden_config, golden_state_dict
+from hat.archs import attention as attention_module
+from hat.archs.attention import attention, chunked_attention, reference_attention
+from hat.archs.hat_arch import HAT, Linear
+from hat.archs.window import shift_mask_patterns, window_order, window_partition
+
+GOLDEN_CASES = ['hat_tiny_x2', 'hat_tiny_x3_batch2', 'hat_tiny_x4_window16', 'hat_tiny_x2_gray',
+                'hat_tiny_x2_overlap025']
+
+
+def official_windows(x: torch.Tensor, ws: int, shift: int) -> torch.Tensor:
+    """Roll by -shift, then partition: [B, H, W, C] -> [B, nRows, nCols, N, C] (the official data flow)."""
+    if shift:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(x, ws)
+
+
+@pytest.mark.parametrize('batch, h, w, shift', [(1, 8, 8, 2), (2, 12, 16, 2), (2, 16, 12, 0), (1, 4, 12, 2)])
+def test_window_order_is_roll_and_partition_grouped_by_mask(batch, h, w, shift):
+    ws = 4
+    x = torch.randn(batch, h, w, 3)
+    order = window_order(batch, h, w, ws, shift, torch.device('cpu'))
+    gathered = x.reshape(-1, 3).index_select(0, order.gather).view(-1, ws * ws, 3)
+    expected = official_windows(x, ws, shift)  # [B, nR, nC, N, C]
+    n_rows, n_cols = h // ws, w // ws
+    start = 0
+    for count, last_row, last_col in order.groups:
+        part = gathered[start:start + count]
+        start += count
+        if shift:
+            rows = [r for r in range(n_rows) if (r == n_rows - 1) == bool(last_row)]
+            cols = [c for c in range(n_cols) if (c == n_cols - 1) == bool(last_col)]
+        else:
+            rows, cols = list(range(n_rows)), list(range(n_cols))
+        want = expected[:, rows][:, :, cols].reshape(-1, ws * ws, 3)  # batch, then rows, then columns
+        assert torch.equal(part, want), (last_row, last_col)
+    assert start == batch * n_rows * n_cols
+    assert torch.equal(gathered.reshape(-1, 3).index_select(0, order.scatter), x.reshape(-1, 3))
+    assert len(order.groups) == (1 if not shift else (1 + (n_rows > 1)) * (1 + (n_cols > 1)))
+
+
+def _official_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+    img = torch.zeros(1, h, w, 1)
+    label = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = label
+            label += 1
+    windows = window_partition(img, ws).reshape(-1, ws * ws)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+def test_shift_patterns_cover_every_window_of_the_official_mask():
+    h, w, ws, shift = 12, 16, 4, 2
+    official = _official_mask(h, w, ws, shift).view(h // ws, w // ws, ws * ws, ws * ws)
+    patterns = shift_mask_patterns(ws, shift)
+    for r in range(h // ws):
+        for c in range(w // ws):
+            assert torch.equal(official[r, c], patterns[int(r == h // ws - 1), int(c == w // ws - 1)])
+
+
+@pytest.mark.parametrize('per_window_mask', [False, True])
+def test_chunked_attention_equals_the_reference(monkeypatch, per_window_mask):
+    monkeypatch.setattr(attention_module, 'LOGITS_CHUNK_ELEMENTS', 2 * 3 * 16 * 36)  # two windows per chunk
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 3, 16, 8), torch.randn(5, 3, 36, 8), torch.randn(5, 3, 36, 8)
+    mask = torch.randn(5 if per_window_mask else 1, 3, 16, 36)
+    out = chunked_attention(q, k, v, mask, scale=0.3)
+    ref = reference_attention(q, k, v, mask, scale=0.3)
+    assert out.shape == (5, 3, 16, 8)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_bf16_cpu_attention_uses_the_chunked_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_module, 'chunked_attention',
+                        lambda *a, **k: calls.append(a[0].shape) or torch.zeros(a[0].shape, dtype=a[0].dtype))
+    q = torch.randn(2, 3, 4, 16, 8, dtype=torch.bfloat16)
+    bias = torch.randn(4, 16, 16)
+    out = attention(q, q, q, bias, scale=0.3, fused=True)
+    assert calls == [(6, 4, 16, 8)] and out.shape == q.shape  # windows folded into the batch
+    attention(q.float(), q.float(), q.float(), bias, scale=0.3, fused=True)
+    assert len(calls) == 1  # fp32: scaled_dot_product_attention
+
+
+def test_fused_attention_matches_reference_with_a_shared_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 16, 8), torch.randn(2, 3, 4, 25, 8), torch.randn(2, 3, 4, 25, 8)
+    bias, mask = torch.randn(4, 16, 25), torch.randn(16, 25)
+    fused = attention(q, k, v, bias, scale=0.3, fused=True, mask=mask)
+    ref = attention(q, k, v, bias, scale=0.3, fused=False, mask=mask)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_uses_onednn_only_for_fp32_cpu_inference():
+    layer = Linear(12, 20)
+    x = torch.randn(3, 7, 12)
+    with torch.no_grad():
+        assert layer.uses_onednn(x) == torch.backends.mkldnn.is_available()
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer.forward_gelu(x), F.gelu(F.linear(x, layer.weight, layer.bias)),
+                                   atol=1e-6, rtol=1e-6)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not layer.uses_onednn(x)
+            assert layer(x).dtype == torch.bfloat16
+    assert not layer.uses_onednn(x)  # autograd needs F.linear
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_mlp_fusion_keeps_dropout_in_training():
+    from hat.archs.hat_arch import Mlp
+    mlp = Mlp(in_features=8, hidden_features=16, drop=0.5).train()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = mlp(x)
+        mlp.eval()
+        b = mlp(x)
+    assert not torch.allclose(a, b)  # dropout ran in training even without autograd
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = (a.float() - ref).square().mean().item()
+    return 10 * math.log10((ref.max() - ref.min()).item()**2 / mse)
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'reference'])
+@pytest.mark.parametrize('case', GOLDEN_CASES)
+def test_golden_output_in_bf16_is_within_50_db(case, fused):
+    """bf16 autocast on both attention paths stays within 50 dB PSNR of the golden fp32 output (54-60 dB measured)."""
+    net = HAT(**golden_config(case), fused_attn=fused)
+    net.load_state_dict(golden_state_dict(case))
+    io = torch.load(GOLDEN / f'{case}_io.pt', weights_only=True)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net.eval()(io['input'])
+    assert out.dtype == torch.float32 and out.shape == io['output'].shape
+    assert psnr(out, io['output']) >= 50
