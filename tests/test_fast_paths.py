@@ -103,32 +103,54 @@ def test_fused_attention_matches_reference_with_a_shared_mask():
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_uses_onednn_only_for_fp32_cpu_inference():
+def test_linear_uses_onednn_only_for_fp32_on_the_cpu():
     layer = Linear(12, 20)
     x = torch.randn(3, 7, 12)
+    want = F.linear(x, layer.weight, layer.bias)
+    assert layer.uses_onednn(x) == torch.backends.mkldnn.is_available()
+    assert not layer.uses_onednn(x.double())
     with torch.no_grad():
-        assert layer.uses_onednn(x) == torch.backends.mkldnn.is_available()
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(layer.forward_gelu(x), F.gelu(F.linear(x, layer.weight, layer.bias)),
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer.forward_gelu(x), F.gelu(want), atol=1e-6, rtol=1e-6)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             assert not layer.uses_onednn(x)
-            assert layer(x).dtype == torch.bfloat16
-    assert not layer.uses_onednn(x)  # autograd needs F.linear
-    layer(x).sum().backward()
-    assert layer.weight.grad is not None
+            assert layer(x).dtype == layer.forward_gelu(x).dtype == torch.bfloat16  # autocast still applies
+    torch.testing.assert_close(layer.forward_gelu(x), F.gelu(want), atol=1e-6, rtol=1e-6)  # with autograd
 
 
-def test_mlp_fusion_keeps_dropout_in_training():
+def test_mlp_keeps_dropout_after_the_fused_gelu():
     from hat.archs.hat_arch import Mlp
     mlp = Mlp(in_features=8, hidden_features=16, drop=0.5).train()
     x = torch.randn(4, 8)
     with torch.no_grad():
-        torch.manual_seed(0)
         a = mlp(x)
         mlp.eval()
         b = mlp(x)
+        torch.testing.assert_close(b, mlp.fc2(F.gelu(mlp.fc1(x))), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(a, b)  # dropout ran in training even without autograd
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_gradients_equal_those_of_f_linear(bias):
+    torch.manual_seed(0)
+    layer = Linear(12, 20, bias=bias)
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    grad = torch.randn(3, 7, 20)
+    layer(x).backward(grad)
+    ours = [x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
+    x2 = x.detach().clone().requires_grad_()
+    w2 = layer.weight.detach().clone().requires_grad_()
+    b2 = layer.bias.detach().clone().requires_grad_() if bias else None
+    F.linear(x2, w2, b2).backward(grad)
+    for got, want in zip(ours, [x2.grad, w2.grad] + ([b2.grad] if bias else [])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_input_gradient_only():
+    layer = Linear(6, 4).requires_grad_(False)
+    x = torch.randn(5, 6, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(5, 6), atol=1e-6, rtol=1e-6)
 
 
 def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from hat.archs.attention import attention
@@ -68,51 +69,76 @@ def _autocast_on_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` on oneDNN for fp32 CPU tensors, forward and backward (all three products on oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # grad @ W, as a linear layer of weight W^T
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, 'none', [], '')
+        if ctx.needs_input_grad[1]:  # grad^T @ x, as a linear layer of weight x^T
+            grad_w = torch.ops.mkldnn._linear_pointwise(grad_2d.t().contiguous(),
+                                                        x.reshape(-1, x.shape[-1]).t().contiguous(), None, 'none',
+                                                        [], '')
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state-dict keys) whose fp32 CPU inference runs on oneDNN.
+    """``nn.Linear`` (same parameters, same state-dict keys) whose fp32 CPU products run on oneDNN.
 
     PyTorch sends fp32 CPU matrix products to MKL, which on AMD processors takes a code path that reaches under half
     of what oneDNN's AVX-512 kernels reach (one Zen 5 core, [4096, 180] x [180, 540]: 95 against 225 GFLOP/s; the
-    results are equal). The oneDNN operator has no backward and is not covered by autocast, so it runs only on the
-    CPU, in fp32, outside autocast and when no gradient is needed, and not inside ``torch.compile`` (Inductor lowers
-    the operator only for frozen weights); everything else goes through ``F.linear``.
+    results agree to fp32 rounding; a HAT-S training iteration 10% faster). The oneDNN operator is not covered by
+    autocast and Inductor lowers it only for frozen weights, so it runs on the CPU, in fp32, outside autocast and
+    outside ``torch.compile``; everything else goes through ``F.linear``. Its backward is first-order only.
     x: [..., in_features] -> [..., out_features].
     """
 
     def uses_onednn(self, x: Tensor) -> bool:
         return (_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and not _autocast_on_cpu()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and not compiling())
+                and self.weight.dtype == torch.float32 and not _autocast_on_cpu() and not compiling())
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.uses_onednn(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
-        return F.linear(x, self.weight, self.bias)
+        if not self.uses_onednn(x):
+            return F.linear(x, self.weight, self.bias)
+        if self._needs_grad(x):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
 
     def forward_gelu(self, x: Tensor) -> Tensor:
-        """``gelu(self(x))`` (exact, erf-based GELU), fused into the matrix product where oneDNN runs it."""
-        if self.uses_onednn(x):
+        """``gelu(self(x))`` (exact, erf-based GELU), fused into the product where oneDNN runs without autograd."""
+        if self.uses_onednn(x) and not self._needs_grad(x):
+            # The post-op's one string argument is its algorithm: 'none' is the erf form, as nn.GELU.
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'gelu', [], 'none')
-        return F.gelu(F.linear(x, self.weight, self.bias))
+        return F.gelu(self(x))
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
 
 
 class Mlp(nn.Module):
-    """Token-wise feed-forward network: fc1 -> GELU -> fc2. x: [..., C] -> [..., C]."""
+    """Token-wise feed-forward network: fc1 -> GELU -> dropout -> fc2 -> dropout. x: [..., C] -> [..., C]."""
 
     def __init__(self, *, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
-        self.act = nn.GELU()
         self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fc1.uses_onednn(x) and (self.drop.p == 0 or not self.training):
-            hidden = self.fc1.forward_gelu(x)
-        else:
-            hidden = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(hidden))
+        return self.drop(self.fc2(self.drop(self.fc1.forward_gelu(x))))
 
 
 class ChannelAttention(nn.Module):
