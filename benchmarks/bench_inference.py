@@ -203,24 +203,42 @@ def memory_child(spec: dict) -> dict:
 MEMORY_CHILD_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'}
 
 
-def run_memory_child(script: str, spec: dict, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, '--memory-child', json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, check=False, env={**os.environ, **MEMORY_CHILD_ENV})
+def child_peak_mib(script: str, spec: dict, timeout: float, label: str) -> float | None:
+    """Peak memory growth (MiB) reported by a fresh ``script --memory-child SPEC`` process, or None (why on stderr).
+
+    A fresh process per configuration, so that no earlier run's freed pages or warm caches count.
+    """
+    try:
+        done = subprocess.run([sys.executable, script, '--memory-child', json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, check=False, env={**os.environ, **MEMORY_CHILD_ENV})
+    except subprocess.TimeoutExpired:
+        print(f'  memory of {label}: no result within {timeout:.0f} s', file=sys.stderr)
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+    if done.returncode != 0 or not lines:
+        print(f'  memory of {label} failed:\n{done.stderr[-2000:]}', file=sys.stderr)
+        return None
+    return json.loads(lines[-1])['peak_mib']
 
 
 def measure_memory(variant: str, size: int, path: str, device: torch.device, threads: int,
                    timeout: float) -> float | None:
     spec = {'variant': variant, 'size': size, 'path': path, 'device': str(device), 'threads': threads}
-    try:
-        done = run_memory_child(__file__, spec, timeout)
-    except subprocess.TimeoutExpired:
-        print(f'  memory of {path}: no result within {timeout:.0f} s', file=sys.stderr)
-        return None
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
-    if done.returncode != 0 or not lines:
-        print(f'  memory of {path} failed:\n{done.stderr[-2000:]}', file=sys.stderr)
-        return None
-    return json.loads(lines[-1])['peak_mib']
+    return child_peak_mib(__file__, spec, timeout, path)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, printed with every report: a busy machine explains odd ratios."""
+    return ' / '.join(f'{v:.2f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
+
+
+def publish(lines: list[str], out: str | None) -> str:
+    """Print the Markdown report and, with ``out``, write it to that file too; returns it."""
+    report = '\n'.join(lines)
+    print(report)
+    if out:
+        Path(out).write_text(report + '\n')
+    return report
 
 
 # ----- timing -----
@@ -370,12 +388,11 @@ def main(argv: list[str] | None = None) -> str:
     rates_end = matmul_rates(device)
     rates = {k: max(rates_start[k] or 0, rates_end[k] or 0) for k in rates_start}
 
-    load = ' / '.join(f'{v:.2f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
     lines = [
         f'HAT x4 inference, {device.type} ({platform.processor() or platform.machine()}, {args.threads} threads), '
         f'torch {torch.__version__}; {args.repeats} interleaved rounds after {args.warmup} warm-up; '
         f'{"weights " + args.weights if args.weights else "random weights"}; run took '
-        f'{(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load}.',
+        f'{(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load_average()}.',
         '',
         'Matrix-multiply rate (2048x2048, GFLOP/s at the start / end of the run): fp32 torch.matmul '
         f'{rates_start["fp32"]:.0f} / {rates_end["fp32"]:.0f}, fp32 oneDNN {fmt(rates_start["fp32-onednn"], ".0f")} '
@@ -390,11 +407,7 @@ def main(argv: list[str] | None = None) -> str:
         lines += report_rows(variant, size, flops, results, rates)
     lines += ['', 'FLOPs per forward (matrix products and convolutions): ' + ', '.join(
         f'{variant} {size}: {flops / 1e9:.0f} G' for variant, size, flops, _ in rows) + '.']
-    report = '\n'.join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + '\n')
-    return report
+    return publish(lines, args.out)
 
 
 if __name__ == '__main__':

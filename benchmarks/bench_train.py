@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +40,8 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
-from benchmarks.bench_inference import (VARIANTS, _proc_status_kib, _reset_peak_rss, matmul_rates,  # noqa: E402
-                                        network_config, run_memory_child)
+from benchmarks.bench_inference import (VARIANTS, _proc_status_kib, _reset_peak_rss, child_peak_mib,  # noqa: E402
+                                        load_average, matmul_rates, network_config, publish)
 from hat.models.hat_model import HATModel  # noqa: E402
 
 MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt', 'compile', 'compile-bf16')
@@ -109,18 +107,6 @@ def memory_child(spec: dict) -> dict:
     before = _proc_status_kib('VmRSS')
     step(model, data, 2, device)
     return {'peak_mib': (_proc_status_kib('VmHWM') - before) / 1024}
-
-
-def measure_memory(spec: dict, timeout: float) -> float | None:
-    try:
-        done = run_memory_child(__file__, spec, timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
-    if done.returncode != 0 or not lines:
-        print(f'  memory of {spec["mode"]} failed:\n{done.stderr[-2000:]}', file=sys.stderr)
-        return None
-    return json.loads(lines[-1])['peak_mib']
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -192,7 +178,7 @@ def main(argv: list[str] | None = None) -> str:
             for mode in models:
                 spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads}
-                memory[mode] = measure_memory(spec, args.memory_timeout)
+                memory[mode] = child_peak_mib(__file__, spec, args.memory_timeout, mode)
         base = statistics.median(times['official']) if times.get('official') else None
         for mode in args.modes:
             if mode in errors:
@@ -205,16 +191,11 @@ def main(argv: list[str] | None = None) -> str:
             label = f'{mode} (compile {setup[mode]:.0f} s)' if mode.startswith('compile') else mode
             rows.append(f'| {variant} | {label} | {median:.3f} | {1 / median:.2f} | {speed} | '
                         f'{"-" if mem is None else f"{mem:.0f}"} | {mem_ratio} | {losses[mode]:.4f} |')
-    load = ' / '.join(f'{v:.2f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
     onednn = rates['fp32-onednn']
     rows += ['', f'Matrix-multiply rate (2048x2048) at the start: fp32 {rates["fp32"]:.0f} (torch.matmul), '
              f'{"-" if onednn is None else f"{onednn:.0f}"} (oneDNN), bf16 {rates["bf16"]:.0f} GFLOP/s. '
-             f'Run took {(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load}.']
-    report = '\n'.join(rows)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + '\n')
-    return report
+             f'Run took {(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load_average()}.']
+    return publish(rows, args.out)
 
 
 if __name__ == '__main__':
