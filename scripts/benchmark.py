@@ -180,19 +180,23 @@ def _cell(scores: dict[str, float] | None, signed: bool = False) -> str:
     if not scores or scores.get('psnr') is None:
         return MISSING_VALUE
     sign = '+' if signed else ''
-    return f'{scores["psnr"]:{sign}.2f} / {scores["ssim"]:{sign}.4f}'
+    # Some published rows give PSNR only (the authors' README table); the SSIM half then reads n/a.
+    ssim = MISSING_VALUE if scores.get('ssim') is None else f'{scores["ssim"]:{sign}.4f}'
+    return f'{scores["psnr"]:{sign}.2f} / {ssim}'
 
 
 def markdown_table(results: Sequence[SetResult], *, checkpoint: Path, detected: DetectedArch, row: str,
                    published: dict[str, Any], self_ensemble: bool) -> str:
     scale = detected.scale
     names = [r.name for r in results]
+    row_source = published['psnr_ssim'].get(row, {}).get('source', 'none (not a row of the paper)')
     lines = [f'# {checkpoint.name} on the benchmark sets', '',
              f'Detected: {detected.summary()}.', '',
              f'PSNR (dB) / SSIM on the Y channel, crop_border = {scale} (BasicSR\'s calculate_psnr / calculate_ssim)'
              + (', with the x8 self-ensemble' if self_ensemble else '') + '.',
              f'Paper: {row} x{scale} of {published["source"]["paper"]} (arXiv {published["source"]["arxiv"]}); '
-             f'{MISSING_VALUE} where hat/data/published_results.json has no value.', '',
+             f'{MISSING_VALUE} where hat/data/published_results.json has no value.',
+             f'Source of the {row} row: {row_source}.', '',
              '| Method | ' + ' | '.join(names) + ' |',
              '|---|' + '---|' * len(names)]
 

@@ -134,6 +134,21 @@ def test_no_set_found_and_custom_model_without_paper_numbers(benchmark, checkpoi
     assert '- Manga109: no GTmod4/ and LRbicx4/' in table and 'manga109' in table
 
 
+def test_paper_row_with_psnr_only(benchmark, checkpoint, datasets_root, tmp_path):
+    """HAT-S x4 is published with PSNR only: the SSIM half of the paper row and of the difference read n/a."""
+    out = tmp_path / 'out'
+    assert benchmark.main(['-m', str(checkpoint), '--sets', 'Urban100', '--datasets-root', str(datasets_root),
+                           '--out', str(out), '--published', 'HAT-S', '--device', 'cpu']) == 0
+    urban = read_csv(out / 'benchmark_tiny_hat_x4.csv')['Urban100']
+    assert (urban['paper_psnr'], urban['paper_ssim'], urban['diff_ssim']) == ('27.870000', '', '')
+    assert math.isclose(float(urban['diff_psnr']), float(urban['psnr']) - 27.87, abs_tol=2e-6)
+    table = (out / 'benchmark_tiny_hat_x4.md').read_text()
+    assert '| HAT-S x4 (paper) | 27.87 / n/a |' in table
+    difference = next(line for line in table.splitlines() if line.startswith('| Difference |'))
+    assert difference.endswith(' / n/a |') and difference.split(' | ')[1].startswith('-')
+    assert "Source of the HAT-S row: x4 PSNR from the authors' README table" in table
+
+
 def test_bad_arguments(benchmark, checkpoint, tmp_path):
     assert benchmark.main(['-m', str(tmp_path / 'missing.pth'), '--out', str(tmp_path)]) == 2
     assert benchmark.main(['-m', str(checkpoint), '--scale', '2', '--out', str(tmp_path)]) == 2
@@ -149,5 +164,10 @@ def test_published_results_file():
             entries = published['psnr_ssim'][variant][f'x{scale}']
             assert list(entries) == published['sets']
             for value in entries.values():
-                assert value is None or (20 < value['psnr'] < 45 and 0.5 < value['ssim'] < 1)
+                assert value is None or (20 < value['psnr'] < 45 and (value['ssim'] is None or
+                                                                      0.5 < value['ssim'] < 1))
+        assert published['psnr_ssim'][variant]['source']  # where this variant's values come from
     assert published['psnr_ssim']['HAT']['x4']['Urban100'] == {'psnr': 27.97, 'ssim': 0.8368}
+    assert [v['psnr'] for v in published['psnr_ssim']['HAT-S']['x4'].values()] == [32.92, 29.15, 27.97, 27.87,
+                                                                                    32.35]
+    assert 'XPixelGroup/HAT' in published['source']['readme']
