@@ -329,6 +329,15 @@ def report_rows(variant: str, size: int, flops: float, results: dict[str, PathRe
     return rows
 
 
+def names_from(parser: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
+    """The comma-separated names of an option (``'HAT-S, HAT'`` -> ``['HAT-S', 'HAT']``); exits on one not allowed."""
+    names = [name.strip() for name in text.split(',') if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        parser.error(f'{flag}: unknown {unknown}; choose from {", ".join(allowed)}')
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -348,15 +357,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.variants, args.sizes = 'HAT', '64'
-    args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    args.variants = names_from(parser, '--variants', args.variants, VARIANTS)
     args.sizes = [int(s) for s in args.sizes.split(',') if s.strip()]
-    args.paths = [p.strip() for p in args.paths.split(',') if p.strip()]
-    unknown = [p for p in args.paths if p not in PATHS]
-    if unknown:
-        parser.error(f'unknown paths {unknown}; choose from {", ".join(PATHS)}')
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad:
-        parser.error(f'unknown variants {bad}; choose from {", ".join(VARIANTS)}')
+    args.paths = names_from(parser, '--paths', args.paths, PATHS)
     if args.weights and len(args.variants) != 1:
         parser.error('--weights needs exactly one --variants entry (the variant of the checkpoint)')
     if args.repeats < 1 or args.warmup < 1:

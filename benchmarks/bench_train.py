@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, _proc_status_kib, _reset_peak_rss, child_peak_mib,  # noqa: E402
-                                        load_average, matmul_rates, network_config, publish)
+                                        load_average, matmul_rates, names_from, network_config, publish)
 from hat.models.hat_model import HATModel  # noqa: E402
 
 MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt', 'compile', 'compile-bf16')
@@ -128,12 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.variants, args.modes = 'HAT-S', 'official,fp32,bf16'
-    args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
-    args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
-    if [v for v in args.variants if v not in VARIANTS]:
-        parser.error(f'variants are {", ".join(VARIANTS)}')
-    if [m for m in args.modes if m not in MODES]:
-        parser.error(f'modes are {", ".join(MODES)}')
+    args.variants = names_from(parser, '--variants', args.variants, VARIANTS)
+    args.modes = names_from(parser, '--modes', args.modes, MODES)
     if args.patch % 16:
         parser.error('--patch must be a multiple of 16 (the window size of the released variants)')
     if args.iters < 1 or args.warmup < 1:

@@ -36,6 +36,17 @@ def test_quick_selects_hat_at_64():
         bench_inference.parse_args(['--weights', 'x.pth'])  # needs a single variant
 
 
+def test_both_benchmarks_reject_unknown_names(capsys):
+    args = bench_train.parse_args(['--variants', ' HAT-S, HAT ', '--modes', 'fp32,bf16'])
+    assert (args.variants, args.modes) == (['HAT-S', 'HAT'], ['fp32', 'bf16'])
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(['--modes', 'fp32,fp64'])
+    assert "--modes: unknown ['fp64']; choose from official, fp32," in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_inference.parse_args(['--variants', 'HAT-XL'])
+    assert "--variants: unknown ['HAT-XL']; choose from HAT-S, HAT, HAT-L" in capsys.readouterr().err
+
+
 def test_paths_build_the_networks_they_name():
     cfg = dict(bench_inference.network_config('HAT-S'), depths=[1], num_heads=[6])
     state = HAT(**cfg).state_dict()
