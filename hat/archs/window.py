@@ -5,11 +5,13 @@ Everything here is a pure function of sizes; none of it holds learnable state.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+T = TypeVar('T')
 
 # Value the official implementation adds to the logits of token pairs that lie in different regions of a shifted
 # window. It is finite (not -inf), so masked pairs keep a tiny weight; reproducing it keeps outputs identical.
@@ -116,6 +118,27 @@ class WindowOrder(NamedTuple):
     groups: tuple[tuple[int, int, int], ...]
 
 
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller (always False before torch 2.3)."""
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return bool(is_compiling and is_compiling())
+
+
+def cached_outside_compile(build: Callable[..., T]) -> Callable[..., T]:
+    """``build`` memoised for its last 16 argument tuples, except while ``torch.compile`` traces the caller.
+
+    The index tensors of a layout are rebuilt by every block of every forward pass otherwise; under tracing the
+    builder runs uncached, so that the compiler builds the indices into its graph.
+    """
+    cached = functools.lru_cache(maxsize=16)(build)
+
+    @functools.wraps(build)
+    def build_or_reuse(*args, **kwargs):
+        return build(*args, **kwargs) if compiling() else cached(*args, **kwargs)
+    return build_or_reuse
+
+
+@cached_outside_compile
 def window_order(batch: int, height: int, width: int, window_size: int, shift_size: int,
                  device: torch.device) -> WindowOrder:
     """How HAB's (shifted) window attention reads and writes the token maps, as one gather and one scatter.
@@ -130,21 +153,8 @@ def window_order(batch: int, height: int, width: int, window_size: int, shift_si
         batch, height, width: map sizes (multiples of ``window_size``).
     Returns:
         the :class:`WindowOrder` (index tensors of B * H * W entries on ``device``; cached for the last 16 layouts,
-        except while ``torch.compile`` traces, which builds the indices into its graph).
+        see :func:`cached_outside_compile`).
     """
-    if compiling():
-        return _window_order(batch, height, width, window_size, shift_size, device)
-    return _cached_window_order(batch, height, width, window_size, shift_size, device)
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the caller (always False before torch 2.3)."""
-    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
-    return bool(is_compiling and is_compiling())
-
-
-def _window_order(batch: int, height: int, width: int, window_size: int, shift_size: int,
-                  device: torch.device) -> WindowOrder:
     n_rows, n_cols = height // window_size, width // window_size
     local = torch.arange(window_size)
     if shift_size > 0:
@@ -172,9 +182,7 @@ def _window_order(batch: int, height: int, width: int, window_size: int, shift_s
     return WindowOrder(gather.to(device), scatter.to(device), tuple(groups))
 
 
-_cached_window_order = functools.lru_cache(maxsize=16)(_window_order)
-
-
+@cached_outside_compile
 def overlapping_window_index(batch: int, height: int, width: int, window_size: int, overlap_win_size: int,
                              device: torch.device) -> Tensor:
     """Rows of the zero-padded key/value maps that form OCAB's enlarged windows, as one gather index.
@@ -188,13 +196,6 @@ def overlapping_window_index(batch: int, height: int, width: int, window_size: i
         [B * nRows * nCols * ows * ows] int64 on ``device``: windows batch-major then row-major (the order of
         :func:`window_order` without shift), tokens row-major inside each window.
     """
-    if compiling():
-        return _overlapping_window_index(batch, height, width, window_size, overlap_win_size, device)
-    return _cached_overlapping_window_index(batch, height, width, window_size, overlap_win_size, device)
-
-
-def _overlapping_window_index(batch: int, height: int, width: int, window_size: int, overlap_win_size: int,
-                              device: torch.device) -> Tensor:
     pad = (overlap_win_size - window_size) // 2
     padded_h, padded_w = height + 2 * pad, width + 2 * pad
     local = torch.arange(overlap_win_size)
@@ -202,9 +203,6 @@ def _overlapping_window_index(batch: int, height: int, width: int, window_size: 
     x = torch.arange(width // window_size)[None, :, None, None] * window_size + local[None, None, None, :]
     flat = (y * padded_w + x).reshape(-1)
     return (torch.arange(batch)[:, None] * (padded_h * padded_w) + flat[None]).reshape(-1).to(device)
-
-
-_cached_overlapping_window_index = functools.lru_cache(maxsize=16)(_overlapping_window_index)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
