@@ -31,19 +31,6 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h // window_size, w // window_size, window_size * window_size, c)
 
 
-def window_merge(windows: Tensor, window_size: int) -> Tensor:
-    """Inverse of :func:`window_partition`.
-
-    Args:
-        windows: [B, nH, nW, ws * ws, C].
-    Returns:
-        [B, nH * ws, nW * ws, C].
-    """
-    b, n_rows, n_cols, _, c = windows.shape
-    x = windows.view(b, n_rows, n_cols, window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, n_rows * window_size, n_cols * window_size, c)
-
-
 def overlapping_window_size(window_size: int, overlap_ratio: float) -> int:
     """Side of the enlarged key/value window of OCAB: ``int(window_size * overlap_ratio) + window_size``."""
     return int(window_size * overlap_ratio) + window_size
