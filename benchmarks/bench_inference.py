@@ -173,6 +173,32 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def peak_growth_mib(run: Callable[[], object], device: torch.device,
+                    rss_before_warmup_kib: int | None = None) -> dict:
+    """Peak memory growth (MiB) of one call of an already warmed-up ``run``: ``{'peak_mib', 'method'}``.
+
+    CUDA: allocator peak over what was allocated before. CPU: the peak resident set (VmHWM, reset first) over the
+    resident set before. Where VmHWM cannot be reset, the process's lifetime peak (ru_maxrss) over
+    ``rss_before_warmup_kib`` if given (an upper bound), else None.
+    """
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return {'peak_mib': (torch.cuda.max_memory_allocated() - before) / 2**20, 'method': 'cuda'}
+    if _reset_peak_rss():
+        before = _proc_status_kib('VmRSS')
+        run()
+        return {'peak_mib': (_proc_status_kib('VmHWM') - before) / 1024, 'method': 'VmHWM'}
+    if rss_before_warmup_kib is None:
+        return {'peak_mib': None, 'method': None}
+    run()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {'peak_mib': (peak_kib - rss_before_warmup_kib) / 1024, 'method': 'ru_maxrss'}
+
+
 def memory_child(spec: dict) -> dict:
     """Runs in a fresh process: peak memory growth of one forward (MiB), see the module doc."""
     torch.set_num_threads(spec['threads'])
@@ -180,23 +206,9 @@ def memory_child(spec: dict) -> dict:
     torch.manual_seed(0)
     forward = build(spec['path'], network_config(spec['variant']), None, device)
     x = test_image(spec['size']).to(device)
-    if device.type == 'cuda':
-        forward(x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        forward(x)
-        torch.cuda.synchronize()
-        return {'peak_mib': (torch.cuda.max_memory_allocated() - before) / 2**20, 'method': 'cuda'}
-    rss_before_first = _proc_status_kib('VmRSS')
+    rss_before_warmup = _proc_status_kib('VmRSS') or 0
     forward(x)
-    if _reset_peak_rss():
-        before = _proc_status_kib('VmRSS')
-        forward(x)
-        return {'peak_mib': (_proc_status_kib('VmHWM') - before) / 1024, 'method': 'VmHWM'}
-    forward(x)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {'peak_mib': (peak_kib - (rss_before_first or 0)) / 1024, 'method': 'ru_maxrss'}
+    return peak_growth_mib(lambda: forward(x), device, rss_before_warmup)
 
 
 # glibc: blocks from this size up are mapped on allocation and unmapped when freed (no dynamic threshold).

@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
-from benchmarks.bench_inference import (VARIANTS, _proc_status_kib, _reset_peak_rss, child_peak_mib,  # noqa: E402
-                                        load_average, matmul_rates, names_from, network_config, publish)
+from benchmarks.bench_inference import (VARIANTS, child_peak_mib, load_average, matmul_rates,  # noqa: E402
+                                        names_from, network_config, peak_growth_mib, publish)
 from hat.models.hat_model import HATModel  # noqa: E402
 
 MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt', 'compile', 'compile-bf16')
@@ -92,21 +92,13 @@ def step(model: HATModel, data: dict, iteration: int, device: torch.device) -> f
 
 
 def memory_child(spec: dict) -> dict:
+    """Runs in a fresh process: peak memory growth of one training iteration after the first (MiB)."""
     torch.set_num_threads(spec['threads'])
     device = torch.device(spec['device'])
     model = build_model(spec['variant'], spec['mode'], spec['patch'], device)
     data = make_batch(spec['batch'], spec['patch'], device)
     step(model, data, 1, device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step(model, data, 2, device)
-        return {'peak_mib': (torch.cuda.max_memory_allocated() - before) / 2**20}
-    if not _reset_peak_rss():
-        return {'peak_mib': None}
-    before = _proc_status_kib('VmRSS')
-    step(model, data, 2, device)
-    return {'peak_mib': (_proc_status_kib('VmHWM') - before) / 1024}
+    return peak_growth_mib(lambda: step(model, data, 2, device), device)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
