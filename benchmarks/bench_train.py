@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, child_peak_mib, load_average, matmul_rates,  # noqa: E402
-                                        names_from, network_config, peak_growth_mib, publish)
+                                        names_from, network_config, peak_growth_mib, publish, synchronize)
 from hat.models.hat_model import HATModel  # noqa: E402
 
 MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt', 'compile', 'compile-bf16')
@@ -82,12 +82,10 @@ def build_model(variant: str, mode: str, patch: int, device: torch.device) -> HA
 
 def step(model: HATModel, data: dict, iteration: int, device: torch.device) -> float:
     model.feed_data(data)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     model.optimize_parameters(iteration)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
