@@ -4,9 +4,16 @@
     python scripts/benchmark.py -m HAT-S_SRx2.pth --sets Set5 Set14 --datasets-root datasets --out results/benchmark
 
 The architecture, variant and scale are read from the checkpoint (:mod:`hat.archs.detect`). Every set is read from
-``<datasets-root>/<set>/GTmod{s}`` and ``LRbicx{s}`` (made by ``scripts/prepare_benchmark.py``; see
-``datasets/README.md``); the spellings of the official option files are accepted (``BSDS100`` for B100,
-``urban100``, ``manga109``), as are other names for custom sets. A set that is not there is listed as "not found".
+``<datasets-root>/<set>/`` in one of two layouts (see ``datasets/README.md``):
+
+* ``GTmod{s}/`` and ``LRbicx{s}/``: what ``scripts/prepare_benchmark.py`` makes and the option files read;
+* ``HR/`` and ``LR_bicubic/X{s}/``: the layout of the usual benchmark archives, used as it is. The HR images need
+  not be mod-cropped: the test pipeline and the bicubic baseline crop the up to ``s - 1`` extra rows/columns, as
+  BasicSR does, which gives the numbers of the mod-cropped GT. An LR file is named like its HR file, or
+  ``<name>x{s}`` (the archives of EDSR).
+
+The spellings of the official option files are accepted (``BSDS100`` for B100, ``urban100``, ``manga109``), as are
+other names for custom sets. A set that is not there is listed as "not found".
 
 For each set the table gives:
 * the checkpoint's PSNR/SSIM, measured by the test pipeline (``hat/test.py``: HATModel with padding to the window
@@ -19,7 +26,8 @@ For each set the table gives:
 Writes ``<out>/benchmark_<checkpoint>.md`` and ``.csv``; the test pipeline's log (and the images with
 ``--save-images``) go to ``<out>/results/benchmark_<checkpoint>/``.
 
-Exit status: 0 when at least one set was measured, 1 when none was found, 2 for bad arguments.
+Exit status: 0 when at least one set was measured, 1 when none was found, 2 for bad arguments or a set whose LR
+images do not pair with its GT images.
 """
 from __future__ import annotations
 
@@ -72,6 +80,10 @@ def canonical_set(name: str) -> str:
     return name
 
 
+# Layouts of a set's folder, in the order tried: (GT folder, LR folder), both relative to the set's folder.
+SET_LAYOUTS = (('GTmod{scale}', 'LRbicx{scale}'), ('HR', 'LR_bicubic/X{scale}'))
+
+
 @dataclass
 class SetResult:
     """Everything the tables show for one set."""
@@ -79,6 +91,8 @@ class SetResult:
     name: str
     gt_dir: Path | None = None
     lq_dir: Path | None = None
+    # LR file name from the GT base name, as PairedImageDataset's ``filename_tmpl``; the extension is the GT's.
+    filename_tmpl: str = '{}'
     tried: list[Path] = field(default_factory=list)
     images: int = 0
     model: dict[str, float] = field(default_factory=dict)
@@ -96,17 +110,32 @@ class SetResult:
 
 
 def locate_set(root: Path, name: str, scale: int) -> SetResult:
-    """Find ``<root>/<spelling>/GTmod{scale}`` and ``LRbicx{scale}`` of a set; record what was tried otherwise."""
+    """Find the GT and LR folders of a set under ``root`` (any spelling, any of ``SET_LAYOUTS``); record the set
+    folders tried otherwise."""
     result = SetResult(name=name)
     spellings = SET_FOLDERS.get(name, (name, ))
     for spelling in spellings:
-        gt_dir, lq_dir = root / spelling / f'GTmod{scale}', root / spelling / f'LRbicx{scale}'
-        if gt_dir.is_dir() and lq_dir.is_dir():
-            result.gt_dir, result.lq_dir = gt_dir, lq_dir
-            result.images = len(image_files(gt_dir))
-            return result
+        for gt_name, lq_name in SET_LAYOUTS:
+            gt_dir = root / spelling / gt_name.format(scale=scale)
+            lq_dir = root / spelling / lq_name.format(scale=scale)
+            if gt_dir.is_dir() and lq_dir.is_dir():
+                gt_files = image_files(gt_dir)
+                result.gt_dir, result.lq_dir, result.images = gt_dir, lq_dir, len(gt_files)
+                result.filename_tmpl = lr_name_template(gt_files, lq_dir, scale)
+                return result
         result.tried.append(root / spelling)
     return result
+
+
+def lr_name_template(gt_files: Sequence[Path], lq_dir: Path, scale: int) -> str:
+    """``'{}'`` when the LR files are named like the GT files, ``'{}x<scale>'`` when EDSR's archives named them
+    (``babyx4.png``); decided by the first GT file that has either (``'{}'`` when none has: the pipeline then
+    names the unpaired files)."""
+    for gt_path in gt_files:
+        for template in ('{}', f'{{}}x{scale}'):
+            if (lq_dir / f'{template.format(gt_path.stem)}{gt_path.suffix}').is_file():
+                return template
+    return '{}'
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -121,24 +150,29 @@ def _read_color(path: Path) -> np.ndarray:
     return img
 
 
-def bicubic_scores(gt_dir: Path, lq_dir: Path, scale: int) -> dict[str, float]:
+def bicubic_scores(gt_dir: Path, lq_dir: Path, scale: int, filename_tmpl: str = '{}') -> dict[str, float]:
     """Mean PSNR/SSIM (Y, crop = scale) of MATLAB bicubic upscaling of every LR image against its GT.
 
+    The LR file of ``<gt_dir>/a.png`` is ``<lq_dir>/<filename_tmpl of a>.png``, the pair the test pipeline reads. A
+    GT up to ``scale - 1`` rows/columns larger than the upscaled LR (an HR image that was not mod-cropped) is cropped
+    to it, as the test pipeline crops it.
+
     Raises:
-        ValueError: an LR image is missing, or its upscaled size is not the GT size.
+        ValueError: an LR image is missing, or the GT does not fit its upscaled size.
     """
     psnr, ssim = [], []
     for gt_path in image_files(gt_dir):
-        candidates = [lq_dir / gt_path.name] + [lq_dir / f'{gt_path.stem}{e}' for e in IMAGE_EXTENSIONS]
-        lq_path = next((p for p in candidates if p.is_file()), None)
-        if lq_path is None:
-            raise ValueError(f'{gt_dir.parent.name}: no LR image for {gt_path.name} in {lq_dir}')
+        lq_path = lq_dir / f'{filename_tmpl.format(gt_path.stem)}{gt_path.suffix}'
+        if not lq_path.is_file():
+            raise ValueError(f'{gt_dir.parent.name}: no LR image {lq_path.name} for {gt_path.name} in {lq_dir}')
         gt = _read_color(gt_path)
         upscaled = imresize_uint8(_read_color(lq_path), scale)
-        if upscaled.shape != gt.shape:
-            raise ValueError(f'{lq_path} upscaled x{scale} is {upscaled.shape[1]}x{upscaled.shape[0]}, but '
-                             f'{gt_path} is {gt.shape[1]}x{gt.shape[0]}: the GT must be mod-cropped to a multiple '
-                             'of the scale (scripts/prepare_benchmark.py does it)')
+        (height, width), (gt_height, gt_width) = upscaled.shape[:2], gt.shape[:2]
+        if not (0 <= gt_height - height < scale and 0 <= gt_width - width < scale):
+            raise ValueError(f'{lq_path} upscaled x{scale} is {width}x{height}, but {gt_path} is '
+                             f'{gt_width}x{gt_height}: the LR image must be the GT downscaled x{scale} '
+                             '(scripts/prepare_benchmark.py makes such pairs)')
+        gt = gt[:height, :width]
         psnr.append(calculate_psnr(upscaled, gt, crop_border=scale, test_y_channel=True))
         ssim.append(calculate_ssim(upscaled, gt, crop_border=scale, test_y_channel=True))
     return {'psnr': float(np.mean(psnr)), 'ssim': float(np.mean(ssim))}
@@ -165,7 +199,8 @@ def pipeline_options(name: str, checkpoint: Path, detected: DetectedArch, sets: 
         'name': name, 'model_type': 'HATModel', 'scale': scale, 'num_gpu': num_gpu, 'manual_seed': 0,
         'datasets': {
             f'test_{i}': {'name': s.name, 'type': 'PairedImageDataset', 'dataroot_gt': str(s.gt_dir),
-                          'dataroot_lq': str(s.lq_dir), 'io_backend': {'type': 'disk'}}
+                          'dataroot_lq': str(s.lq_dir), 'filename_tmpl': s.filename_tmpl,
+                          'io_backend': {'type': 'disk'}}
             for i, s in enumerate(sets, start=1)
         },
         'network_g': detected.network_options(),
@@ -216,7 +251,8 @@ def markdown_table(results: Sequence[SetResult], *, checkpoint: Path, detected: 
         lines += ['', 'Not found (prepare them with scripts/prepare_benchmark.py, see datasets/README.md):']
         for r in missing:
             tried = ', '.join(str(p) for p in r.tried)
-            lines.append(f'- {r.name}: no GTmod{scale}/ and LRbicx{scale}/ in {tried}')
+            lines.append(f'- {r.name}: no GTmod{scale}/ and LRbicx{scale}/ (nor HR/ and LR_bicubic/X{scale}/) in '
+                         f'{tried}')
     return '\n'.join(lines) + '\n'
 
 
@@ -246,14 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python scripts/benchmark.py',
         description='PSNR/SSIM of a checkpoint on the benchmark sets, next to the paper\'s numbers and bicubic.',
-        epilog='Exit status: 0 at least one set measured, 1 no set found, 2 bad arguments.')
+        epilog='Exit status: 0 at least one set measured, 1 no set found, 2 bad arguments or unpaired images.')
     parser.add_argument('-m', '--model', type=Path, required=True, help='checkpoint (architecture detected)')
     parser.add_argument('--sets', nargs='+', default=list(DEFAULT_SETS),
                         help=f'sets to measure (default: {" ".join(DEFAULT_SETS)}; any spelling of the option files)')
     parser.add_argument('--scale', default='auto',
                         help='auto (default): the checkpoint\'s; a number is checked against it')
     parser.add_argument('--datasets-root', type=Path, default=Path('datasets'),
-                        help='folder holding <set>/GTmod{s} and <set>/LRbicx{s} (default: datasets)')
+                        help='folder holding <set>/GTmod{s} and <set>/LRbicx{s}, or <set>/HR and '
+                        '<set>/LR_bicubic/X{s} (default: datasets)')
     parser.add_argument('--out', type=Path, default=Path('results/benchmark'),
                         help='folder for the tables and the test pipeline\'s log (default: results/benchmark)')
     parser.add_argument('--published', default=None,
@@ -302,8 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = locate_set(args.datasets_root, name, scale)
         result.paper = paper.get(name)
         if result.found:
-            logger.info(f'{name}: {result.images} images in {result.gt_dir.parent}; bicubic baseline...')
-            result.bicubic = bicubic_scores(result.gt_dir, result.lq_dir, scale)
+            logger.info(f'{name}: {result.images} images in {result.gt_dir} and {result.lq_dir}; bicubic '
+                        'baseline...')
+            try:
+                result.bicubic = bicubic_scores(result.gt_dir, result.lq_dir, scale, result.filename_tmpl)
+            except ValueError as error:  # unpaired or mis-sized images: nothing is measured until they are fixed
+                logger.error(f'{name}: {error}')
+                return 2
         else:
             logger.warning(f'{name}: {NOT_FOUND} (looked in {", ".join(str(p) for p in result.tried)})')
         results.append(result)

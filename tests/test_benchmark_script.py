@@ -48,19 +48,28 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='module')
 def datasets_root(tmp_path_factory) -> Path:
-    """Set5 prepared from the shared HR images (if present), and a synthetic set spelled like the option files."""
+    """Set5 and Set14 prepared from the shared HR images (if present), and a synthetic set spelled like the option
+    files."""
     prepare = load_script('prepare_benchmark')
     root = tmp_path_factory.mktemp('datasets')
     if SHARED_DATASETS.is_dir():
         assert prepare.main(['--hr', str(SHARED_DATASETS / 'Set5' / 'HR'), '--out', str(root / 'Set5'), '--scales',
                              '2', '3', '4']) == 0
-    hr = tmp_path_factory.mktemp('urban_hr')
+        assert prepare.main(['--hr', str(SHARED_DATASETS / 'Set14' / 'HR'), '--out', str(root / 'Set14'),
+                             '--scales', str(SCALE)]) == 0
+    hr = write_synthetic_hr(tmp_path_factory.mktemp('urban_hr'))
+    assert prepare.main(['--hr', str(hr), '--out', str(root / 'urban100'), '--scales', str(SCALE)]) == 0
+    return root
+
+
+def write_synthetic_hr(folder: Path) -> Path:
+    """Two 66x50 colour images: not a multiple of the scale, as many HR images are."""
+    folder.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:50, 0:66] / 9.0
     for i in range(2):
         img = np.stack([127 + 100 * np.sin(xx * (i + 1) + c) * np.cos(yy) for c in range(3)], axis=2)
-        cv2.imwrite(str(hr / f'img_{i:03d}.png'), np.rint(img).astype(np.uint8))
-    assert prepare.main(['--hr', str(hr), '--out', str(root / 'urban100'), '--scales', str(SCALE)]) == 0
-    return root
+        cv2.imwrite(str(folder / f'img_{i:03d}.png'), np.rint(img).astype(np.uint8))
+    return folder
 
 
 def read_csv(path: Path) -> dict[str, dict[str, str]]:
@@ -98,7 +107,7 @@ def test_benchmark_table(benchmark, checkpoint, datasets_root, tmp_path):
     bicubic_row = next(line for line in table.splitlines() if line.startswith('| Bicubic |'))
     assert bicubic_row.split(' | ')[1].startswith('28.43 / ') and bicubic_row.endswith('not found |')
     assert '| HAT x4 (paper) | 33.04 / 0.9056 | 27.97 / 0.8368 | 28.00 / 0.7517 |' in table
-    assert 'B100: no GTmod4/ and LRbicx4/' in table and 'BSDS100' in table
+    assert 'B100: no GTmod4/ and LRbicx4/ (nor HR/ and LR_bicubic/X4/)' in table and 'BSDS100' in table
     # the test pipeline ran and logged the same PSNR
     log = next((out / 'results' / 'benchmark_tiny_hat_x4').glob('test_*.log')).read_text()
     assert f'# psnr: {float(set5["psnr"]):.4f}' in log
@@ -120,6 +129,72 @@ def test_bicubic_baseline_of_set14_with_its_grey_image(benchmark, tmp_path):
                          '4']) == 0
     scores = benchmark.bicubic_scores(tmp_path / 'GTmod4', tmp_path / 'LRbicx4', 4)
     assert abs(scores['psnr'] - BICUBIC[('Set14', 4)]) < 0.01
+
+
+def scores_of(rows: dict[str, dict[str, str]], name: str) -> tuple[str, ...]:
+    row = rows[name]
+    return row['status'], row['images'], row['psnr'], row['ssim'], row['bicubic_psnr'], row['bicubic_ssim']
+
+
+@requires_shared_datasets
+def test_archive_layout_gives_the_numbers_of_the_prepared_sets(benchmark, checkpoint, datasets_root, tmp_path):
+    """HR/ + LR_bicubic/X4/ read as they are (the shared sets: MATLAB LR files; Set14's comic.png and others are
+    not a multiple of 4) give the numbers of the GTmod4/LRbicx4 folders prepared from the same HR images."""
+    assert any(cv2.imread(str(p)).shape[0] % SCALE for p in (SHARED_DATASETS / 'Set14' / 'HR').iterdir())
+    tables = {}
+    for layout, root in (('prepared', datasets_root), ('archive', SHARED_DATASETS)):
+        out = tmp_path / layout
+        assert benchmark.main(['-m', str(checkpoint), '--sets', 'Set5', 'Set14', '--datasets-root', str(root),
+                               '--out', str(out), '--device', 'cpu']) == 0
+        tables[layout] = read_csv(out / 'benchmark_tiny_hat_x4.csv')
+    for name, images in (('Set5', '5'), ('Set14', '14')):
+        assert scores_of(tables['archive'], name) == scores_of(tables['prepared'], name)
+        assert tables['archive'][name]['status'] == 'ok' and tables['archive'][name]['images'] == images
+        assert abs(float(tables['archive'][name]['bicubic_psnr']) - BICUBIC[(name, 4)]) < 0.01
+
+
+def test_archive_layout_with_edsr_names(benchmark, checkpoint, datasets_root, tmp_path):
+    """An archive whose HR images are not mod-cropped and whose LR files are named ``<name>x4.png`` (EDSR's
+    benchmark archives), under another spelling of a set (BSD100): the numbers of the prepared set."""
+    hr = write_synthetic_hr(tmp_path / 'BSD100' / 'HR')  # the same images as the prepared urban100 set
+    lr = tmp_path / 'BSD100' / 'LR_bicubic' / 'X4'
+    lr.mkdir(parents=True)
+    for gt_path in sorted((datasets_root / 'urban100' / 'LRbicx4').iterdir()):
+        (lr / f'{gt_path.stem}x4.png').write_bytes(gt_path.read_bytes())
+    assert cv2.imread(str(hr / 'img_000.png')).shape == (50, 66, 3)  # 2 extra rows and columns at x4
+
+    located = benchmark.locate_set(tmp_path, 'B100', SCALE)
+    assert (located.gt_dir, located.lq_dir, located.filename_tmpl, located.images) == (hr, lr, '{}x4', 2)
+    status = [benchmark.main(['-m', str(checkpoint), '--sets', name, '--datasets-root', str(root), '--out',
+                              str(tmp_path / f'out_{name}'), '--device', 'cpu'])
+              for name, root in (('B100', tmp_path), ('Urban100', datasets_root))]
+    assert status == [0, 0]
+    archive = read_csv(tmp_path / 'out_B100' / 'benchmark_tiny_hat_x4.csv')
+    prepared = read_csv(tmp_path / 'out_Urban100' / 'benchmark_tiny_hat_x4.csv')
+    assert scores_of(archive, 'B100') == scores_of(prepared, 'Urban100')
+    assert archive['B100']['status'] == 'ok' and float(archive['B100']['psnr']) > 5
+
+
+def test_lr_images_of_another_scale_are_refused(benchmark, checkpoint, datasets_root, tmp_path, caplog):
+    """A GT far larger than the upscaled LR (the LR folder of another scale) is an error, not a silent crop; the
+    script says which files and stops with status 2 before measuring anything."""
+    with pytest.raises(ValueError, match='must be the GT downscaled x2'):
+        benchmark.bicubic_scores(datasets_root / 'urban100' / 'GTmod4', datasets_root / 'urban100' / 'LRbicx4', 2)
+    wrong = tmp_path / 'Urban100'
+    (wrong / 'HR').mkdir(parents=True)
+    (wrong / 'LR_bicubic').mkdir()
+    for name in ('img_000.png', 'img_001.png'):
+        (wrong / 'HR' / name).write_bytes((datasets_root / 'urban100' / 'GTmod4' / name).read_bytes())
+    # LR files of half the size they should have: the x8 images of a x4 set
+    (wrong / 'LR_bicubic' / 'X4').mkdir()
+    for name in ('img_000.png', 'img_001.png'):
+        half = cv2.imread(str(datasets_root / 'urban100' / 'LRbicx4' / name))[::2, ::2]
+        cv2.imwrite(str(wrong / 'LR_bicubic' / 'X4' / name), half)
+    out = tmp_path / 'out'
+    assert benchmark.main(['-m', str(checkpoint), '--sets', 'Urban100', '--datasets-root', str(tmp_path), '--out',
+                           str(out), '--device', 'cpu']) == 2
+    assert 'upscaled x4 is 32x24, but' in caplog.text and 'img_000.png' in caplog.text
+    assert not out.exists() or not list(out.glob('*.csv'))  # no table of numbers that were not measured
 
 
 def test_no_set_found_and_custom_model_without_paper_numbers(benchmark, checkpoint, tmp_path):
