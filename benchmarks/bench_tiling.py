@@ -6,8 +6,9 @@
 
 For each tile size (0: the whole image) the whole image is upscaled once after a warm-up, and the table gives the
 device's peak memory above what the weights take (CUDA: the caching allocator's peak; elsewhere the peak of the bytes
-held by tensors, :class:`hat.upscale.TensorPeakMemory`, which on the CPU includes the host output canvas), the
-memory model's estimate for one tile of that size, and the wall time. Weights are random unless ``-m`` is given:
+held by tensors, :class:`hat.upscale.TensorPeakMemory`, which on the CPU includes the host output canvas), the part
+of it that the output canvas takes (CPU, tiled), the memory model's estimate for one tile of that size, and the wall
+time. Weights are random unless ``-m`` is given:
 memory and time do not depend on their values.
 """
 from __future__ import annotations
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     model = Upscaler(net, device=device, precision=args.precision, progress=False).memory_model()
 
     print(f'{type(net).__name__} x{net.upscale} on {device} ({args.precision}), {args.size}x{args.size} LR input')
-    print('| tile | peak memory (MiB) | model estimate for one tile (MiB) | time (s) |')
-    print('|---:|---:|---:|---:|')
+    # The tiled output is blended into a canvas (and a one-channel weight sum) on the host: on the CPU it is part of
+    # the peak; on CUDA it is not. Whole images have no canvas: the network's output is the result.
+    canvas = (args.size * net.upscale)**2 * 4 * (3 + 1) if device.type == 'cpu' else 0
+    print('| tile | peak memory (MiB) | of which output canvas (MiB) | model estimate for one tile (MiB) | time (s) |')
+    print('|---:|---:|---:|---:|---:|')
     for tile in args.tiles:
         upscaler = Upscaler(net, device=device, precision=args.precision, tile=tile or None, tile_pad=args.tile_pad,
                             progress=False)
@@ -64,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         peak = measure_peak_memory(lambda: upscaler.upscale(image), device=device, known=known)
         seconds = time.perf_counter() - start
-        print(f'| {tile or "whole"} | {peak / 2**20:.1f} | {model.peak(side, side) / 2**20:.1f} | {seconds:.2f} |')
+        tiled_canvas = canvas if tile and tile < args.size else 0
+        print(f'| {tile or "whole"} | {peak / 2**20:.1f} | {tiled_canvas / 2**20:.1f} | '
+              f'{model.peak(side, side) / 2**20:.1f} | {seconds:.2f} |')
 
 
 if __name__ == '__main__':

@@ -119,8 +119,9 @@ PILLOW_MODES = {
 CALIBRATION_SIDES = (32, 48)
 CUDA_MEMORY_FRACTION = 0.8
 CPU_MEMORY_FRACTION = 0.5
-# Host bytes per output pixel and channel of the tiled output: canvas, blend weights, the division, the crop and the
-# uint conversion; the x8 self-ensemble keeps a running sum and a back-transformed copy on top.
+# Host bytes per output pixel and channel of the tiled output: canvas and blend weights, the crop, the quantisation's
+# float copy and its uint result, with a margin; the x8 self-ensemble keeps a running sum and a back-transformed copy
+# on top.
 CANVAS_COPIES = 3
 ENSEMBLE_CANVAS_COPIES = 5
 
@@ -365,9 +366,17 @@ def read_picture(path: Path) -> Picture:
     return _from_opencv(data, orientation, pillow_format)
 
 
+def all_finite(t: Tensor, rows: int = 256) -> bool:
+    """``torch.isfinite(t).all()`` of a [..., H, W] tensor, a band of ``rows`` rows at a time: on the CPU, isfinite
+    makes several full-size temporaries, which for a large output would outweigh a tile."""
+    return all(bool(torch.isfinite(band).all()) for band in t.split(rows, dim=-2))
+
+
 def _quantise(values: np.ndarray, bit_depth: int) -> np.ndarray:
     peak = 2**bit_depth - 1
-    out = np.rint(np.clip(values, 0.0, 1.0) * peak)
+    out = np.clip(values, 0.0, 1.0)  # one float copy, then in place: a large image's host memory
+    out *= peak
+    np.rint(out, out=out)
     return out.astype(np.uint16 if bit_depth == 16 else np.uint8)
 
 
@@ -732,7 +741,7 @@ class Upscaler:
             raise ImageError(f'the network takes {self.in_channels} channels and the image has {channels}')
         outputs = [self._run_adaptive(t) for t in inputs]
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             advice = ' (fp16 overflows in HAT\'s attention: use --precision bf16 or fp32)' \
                 if self.precision == 'fp16' else ''
             raise ImageError(f'the network produced NaN or infinite values{advice}')

@@ -91,6 +91,23 @@ def test_tiled_psnr_matches_whole_image_psnr_on_set5(sr_like_net):
     assert abs(np.mean(scores['whole']) - np.mean(scores['tiled'])) < 0.01
 
 
+def test_memory_is_the_canvas_and_one_tile():
+    """The blend needs the output canvas and its one-channel weight sum, plus one tile's temporaries; the final
+    normalisation is done in place (a second canvas would add most of the peak for a large image)."""
+    from hat.upscale import TensorPeakMemory
+
+    def net(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(t, scale_factor=4, mode='nearest')
+
+    x = torch.rand(1, 3, 64, 64)
+    canvas = 3 * 256 * 256 * 4
+    weights = 256 * 256 * 4
+    with TensorPeakMemory(known=[x]) as tracker:
+        tiled = tiled_forward(net, x, scale=4, tile_size=16, tile_pad=2, progress=False)
+    assert (tiled - net(x)).abs().max().item() < 1e-6
+    assert canvas + weights <= tracker.peak < canvas + weights + canvas / 4  # a tile: 1/16 of the canvas
+
+
 def test_errors_in_a_tile_propagate():
     calls = {'n': 0}
 

@@ -23,8 +23,8 @@ from PIL import Image, ImageOps
 from hat.archs.hat_arch import HAT
 from hat.archs.srvgg_arch import SRVGGNetCompact
 from hat.test import test_pipeline as run_test_pipeline
-from hat.upscale import (MemoryModel, TensorPeakMemory, Upscaler, apply_exif_orientation, load_network, main,
-                         measure_peak_memory)
+from hat.upscale import (MemoryModel, TensorPeakMemory, Upscaler, all_finite, apply_exif_orientation, load_network,
+                         main, measure_peak_memory)
 from hat.utils.ensemble import self_ensemble
 
 SCALE = 2
@@ -433,6 +433,28 @@ def test_tiled_peak_memory_is_far_below_the_whole_image(hat_net):
         peaks[tile] = tracker.peak
     # Whole image: every activation of the 192x192 map; tiled: the output canvas and one tile's activations.
     assert peaks[32] < peaks[None] / 4
+
+
+def test_large_tiled_image_needs_its_canvas_and_one_tile():
+    """A 1024x1024 image through a cheap x4 network in 128-pixel tiles: the peak is the 16x16-fold output canvas with
+    its blend weights, plus a tile's share; no full-size temporary (division, NaN check) on top."""
+    net = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=4).eval()
+    image = np.random.default_rng(6).random((1024, 1024, 3), dtype=np.float32)
+    upscaler = Upscaler(net, tile=128, tile_pad=8, progress=False)
+    with TensorPeakMemory([*net.parameters(), *net.buffers()]) as tracker:
+        out = upscaler.upscale(image)
+    assert out.shape == (4096, 4096, 3)
+    canvas = 4096 * 4096 * 4 * (3 + 1)  # float32 RGB canvas and one-channel weight sum
+    assert canvas <= tracker.peak < 1.1 * canvas
+
+
+def test_all_finite_looks_at_every_band():
+    t = torch.zeros(1, 3, 600, 7)
+    assert all_finite(t)
+    for value, row in ((float('nan'), 599), (float('inf'), 0), (-float('inf'), 300)):
+        bad = t.clone()
+        bad[0, 2, row, 6] = value
+        assert not all_finite(bad, rows=256)
 
 
 def test_memory_model_largest_side():
