@@ -52,6 +52,7 @@ import hat  # noqa: E402,F401  (compat shim and registries before anything from 
 from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
 
 from hat.archs.detect import DetectedArch, detect_architecture, load_state_dict  # noqa: E402
+from hat.data.paired_image_dataset import gt_fits_for_validation, lq_file_name  # noqa: E402
 from hat.test import test_pipeline  # noqa: E402
 from hat.utils.matlab_resize import imresize_uint8  # noqa: E402
 
@@ -133,7 +134,7 @@ def lr_name_template(gt_files: Sequence[Path], lq_dir: Path, scale: int) -> str:
     names the unpaired files)."""
     for gt_path in gt_files:
         for template in ('{}', f'{{}}x{scale}'):
-            if (lq_dir / f'{template.format(gt_path.stem)}{gt_path.suffix}').is_file():
+            if (lq_dir / lq_file_name(gt_path.name, template)).is_file():
                 return template
     return '{}'
 
@@ -162,13 +163,14 @@ def bicubic_scores(gt_dir: Path, lq_dir: Path, scale: int, filename_tmpl: str = 
     """
     psnr, ssim = [], []
     for gt_path in image_files(gt_dir):
-        lq_path = lq_dir / f'{filename_tmpl.format(gt_path.stem)}{gt_path.suffix}'
+        lq_path = lq_dir / lq_file_name(gt_path.name, filename_tmpl)
         if not lq_path.is_file():
             raise ValueError(f'{gt_dir.parent.name}: no LR image {lq_path.name} for {gt_path.name} in {lq_dir}')
         gt = _read_color(gt_path)
-        upscaled = imresize_uint8(_read_color(lq_path), scale)
+        lq = _read_color(lq_path)
+        upscaled = imresize_uint8(lq, scale)
         (height, width), (gt_height, gt_width) = upscaled.shape[:2], gt.shape[:2]
-        if not (0 <= gt_height - height < scale and 0 <= gt_width - width < scale):
+        if not gt_fits_for_validation((gt_height, gt_width), lq.shape[:2], scale):
             raise ValueError(f'{lq_path} upscaled x{scale} is {width}x{height}, but {gt_path} is '
                              f'{gt_width}x{gt_height}: the LR image must be the GT downscaled x{scale} '
                              '(scripts/prepare_benchmark.py makes such pairs)')

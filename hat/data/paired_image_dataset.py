@@ -128,6 +128,18 @@ def warn_non_images(folder: str, names: list[str], *, dataset: str) -> None:
                        'Move them out of the folder.')
 
 
+def lq_file_name(gt_name: str, template: str) -> str:
+    """The LQ file name paired with a GT file: ``filename_tmpl`` applied to its base name, with its extension."""
+    base, ext = osp.splitext(osp.basename(gt_name))
+    return f'{template.format(base)}{ext}'
+
+
+def gt_fits_for_validation(gt_size: tuple[int, int], lq_size: tuple[int, int], scale: int) -> bool:
+    """Whether a (H, W) GT pairs with a (H, W) LQ outside training: ``scale * LQ`` plus at most ``scale - 1`` rows
+    and columns, which are cropped away (an HR image that was not mod-cropped)."""
+    return all(0 <= g - scale * q < scale for g, q in zip(gt_size, lq_size))
+
+
 class PairedImageDataset(BasicsrPairedImageDataset):
     """GT/LQ image pairs from two folders (or lmdbs, or a meta_info file), checked; see the module docstring.
 
@@ -168,14 +180,10 @@ class PairedImageDataset(BasicsrPairedImageDataset):
             raise ValueError(f'{self.name}: no image pair found in {gt_folder} and {lq_folder}')
         self.conversions = ConversionLog(self.name)
 
-    def _lq_name(self, gt_name: str, template: str) -> str:
-        base, ext = osp.splitext(osp.basename(gt_name))
-        return f'{template.format(base)}{ext}'
-
     def _check_meta_info(self, meta_info_file: str, gt_folder: str, lq_folder: str, template: str) -> None:
         problems = []
         for number, name in read_meta_info_names(meta_info_file, dataset=self.name):
-            lq_name = self._lq_name(name, template)
+            lq_name = lq_file_name(name, template)
             if not osp.isfile(osp.join(gt_folder, name)):
                 problems.append(f'line {number}: {name} (no such file in {gt_folder})')
             elif not osp.isfile(osp.join(lq_folder, lq_name)):
@@ -191,7 +199,7 @@ class PairedImageDataset(BasicsrPairedImageDataset):
         gt_names, lq_names = list(scandir(gt_folder)), set(scandir(lq_folder))
         if not gt_names:
             raise ValueError(f'{self.name}: dataroot_gt {gt_folder} holds no image file; {PREPARE_HINT}')
-        expected = {self._lq_name(name, template): name for name in gt_names}
+        expected = {lq_file_name(name, template): name for name in gt_names}
         no_lq = sorted(f'{gt} (expected {lq})' if lq != gt else gt for lq, gt in expected.items() if lq not in lq_names)
         no_gt = sorted(lq_names - set(expected))
         if no_lq or no_gt:
@@ -222,7 +230,7 @@ class PairedImageDataset(BasicsrPairedImageDataset):
             fits = gt_size == expected
             rule = 'exactly, as training crops aligned patches'
         else:
-            fits = all(0 <= g - e < scale for g, e in zip(gt_size, expected))
+            fits = gt_fits_for_validation(gt_size, lq_size, scale)
             rule = f'(up to {scale - 1} more rows/columns, which are cropped)'
         if not fits:
             raise ImagePairSizeError(
