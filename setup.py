@@ -22,7 +22,13 @@ setup(
     packages=find_packages(include=['hat', 'hat.*']),
     package_data={'hat': ['data/*.json', 'data/meta_info/*.txt']},
     install_requires=read_requirements(),
-    entry_points={'console_scripts': ['hat-upscale = hat.upscale:cli']},
+    # Optional: ONNX export and the ONNX backend; the Cog predictor and its HTTP server; the accuracy-vs-cost plot.
+    extras_require={
+        'onnx': ['onnx>=1.16', 'onnxruntime>=1.18', 'onnxscript>=0.2'],
+        'serve': ['cog==0.23.1', 'coglet==0.23.1'],
+        'plot': ['matplotlib>=3.7'],
+    },
+    entry_points={'console_scripts': ['hat-upscale = hat.upscale:cli', 'hat-export = hat.export:cli']},
     classifiers=[
         'Programming Language :: Python :: 3',
         'License :: OSI Approved :: Apache Software License',

@@ -1,6 +1,6 @@
 """Inference speed and memory of HAT: the official computation against this project's paths.
 
-    python benchmarks/bench_inference.py --quick                      # HAT x4 at 64x64 (a minute on 2 cores)
+    python benchmarks/bench_inference.py --quick                      # HAT x4 at 64x64 (minutes on 2 cores)
     python benchmarks/bench_inference.py --sizes 64,128 --out speed.md
     python benchmarks/bench_inference.py                              # HAT-S, HAT, HAT-L at 64, 128, 256 (long)
 
@@ -11,6 +11,12 @@ Paths (``--paths``):
     bf16       our HAT under ``torch.autocast(dtype=torch.bfloat16)`` (what ``val: {amp: bf16}`` does)
     compile    our HAT after ``compile_blocks()`` (``torch.compile`` of each HAB and OCAB), fp32
     compile-bf16  the same under bf16 autocast
+
+Only what is asked is measured. The default paths include the bf16 ones only where bf16 is native on the device
+(a GPU with bf16, a CPU with AVX512-BF16/AMX or Arm BF16): elsewhere torch emulates bf16, ~25x slower than fp32, and
+a bf16 row is timed only when ``--paths`` asks for it (the header then says it is emulated). The bf16 matrix-product
+rate is measured only when a bf16 path runs. Every table header names the machine: CPU model, torch's CPU
+capability and whether bf16 is native, or the GPU.
 
 Method:
 * Time: every path runs ``--warmup`` times (not timed; for the compiled paths this includes compilation, whose time
@@ -40,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -59,12 +64,13 @@ import torch  # noqa: E402
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
+from hat.inference.precision import device_description, resolve_precision  # noqa: E402
 
 MANIFESTS = ROOT / 'tests' / 'data' / 'golden'
 VARIANTS = ('HAT-S', 'HAT', 'HAT-L')
 SIZES = (64, 128, 256)
 PATHS = ('official', 'reference', 'fp32', 'bf16', 'compile', 'compile-bf16')
-DEFAULT_PATHS = ('official', 'fp32', 'bf16', 'compile')
+DEFAULT_PATHS = ('official', 'fp32', 'bf16', 'compile')  # bf16 ones only where native: see default_paths()
 BF16_PATHS = ('bf16', 'compile-bf16')
 
 
@@ -86,7 +92,8 @@ def test_image(size: int) -> torch.Tensor:
     return torch.stack(channels)[None].clamp(0, 1)
 
 
-def build(path: str, cfg: dict, state_dict: dict | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def build(path: str, cfg: dict, state_dict: dict | None,
+          device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The forward function of a path (eval mode, no autograd)."""
     net = (OfficialHAT if path == 'official' else HAT)(**cfg)
     if state_dict is not None:
@@ -138,9 +145,29 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, *, onednn: bool = Fals
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def matmul_rates(device: torch.device) -> dict:
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (the project's precision policy: ``auto`` picks bf16 there)."""
+    return resolve_precision('auto', device).name == 'bf16'
+
+
+def default_paths(device: torch.device, paths=DEFAULT_PATHS, bf16_paths=BF16_PATHS) -> tuple[str, ...]:
+    """``paths`` without the bf16 ones where bf16 would be emulated."""
+    return tuple(p for p in paths if p not in bf16_paths or bf16_is_native(device))
+
+
+def matmul_rates(device: torch.device, *, bf16: bool) -> dict:
+    """GFLOP/s of 2048x2048 products: fp32 (torch.matmul and oneDNN), and bf16 only when ``bf16`` is asked (an
+    emulated bf16 product takes minutes)."""
     return {'fp32': matmul_rate(torch.float32, device), 'fp32-onednn': matmul_rate(torch.float32, device, onednn=True),
-            'bf16': matmul_rate(torch.bfloat16, device)}
+            'bf16': matmul_rate(torch.bfloat16, device) if bf16 else None}
+
+
+def machine_line(device: torch.device) -> str:
+    """The machine of a table: ``CPU: <model>, <n> threads, torch capability AVX2, native bf16: no (emulated)``
+    or the GPU."""
+    if device.type == 'cpu':
+        return f'CPU: {device_description(device)}'
+    return f'GPU: {device_description(device)}'
 
 
 def count_flops(cfg: dict, size: int) -> float:
@@ -325,6 +352,7 @@ def report_rows(variant: str, size: int, flops: float, results: dict[str, PathRe
         speed = base.median / res.median if base_ok else None
         gflops = flops / res.median / 1e9
         peak_rate = rates['bf16'] if path in BF16_PATHS else max(rates['fp32'], rates['fp32-onednn'] or 0)
+        share = f'{gflops:.0f} ({100 * gflops / peak_rate:.0f}%)' if peak_rate else f'{gflops:.0f}'
         mem_ratio = (res.peak_mib / base.peak_mib if base_ok and res.peak_mib is not None and base.peak_mib
                      else None)
         if path in BF16_PATHS:
@@ -336,7 +364,7 @@ def report_rows(variant: str, size: int, flops: float, results: dict[str, PathRe
             check = 'baseline'
         setup = f' (compile {res.setup_s:.0f} s)' if path.startswith('compile') else ''
         rows.append(f'| {variant} | {size} | {path}{setup} | {res.median:.3f} | {min(res.times):.3f} | '
-                    f'{fmt(speed, ".2f")}x | {gflops:.0f} ({100 * gflops / peak_rate:.0f}%) | '
+                    f'{fmt(speed, ".2f")}x | {share} | '
                     f'{fmt(res.peak_mib, ".0f")} | {fmt(mem_ratio, ".2f")} | {check} |')
     return rows
 
@@ -355,7 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variants', default=','.join(VARIANTS), help='comma-separated: HAT-S,HAT,HAT-L')
     parser.add_argument('--sizes', default=','.join(map(str, SIZES)), help='LR input sides, comma-separated')
-    parser.add_argument('--paths', default=','.join(DEFAULT_PATHS), help=f'comma-separated, from {",".join(PATHS)}')
+    parser.add_argument('--paths', default=None, help=f'comma-separated, from {",".join(PATHS)} (default: '
+                        f'{",".join(DEFAULT_PATHS)}, the bf16 ones only where bf16 is native)')
     parser.add_argument('--repeats', type=int, default=3, help='timed rounds (default 3)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs of each path first (default 1)')
     parser.add_argument('--quick', action='store_true', help='HAT x4 at 64x64 only')
@@ -371,6 +400,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants, args.sizes = 'HAT', '64'
     args.variants = names_from(parser, '--variants', args.variants, VARIANTS)
     args.sizes = [int(s) for s in args.sizes.split(',') if s.strip()]
+    if args.paths is None:
+        args.paths = ','.join(default_paths(torch.device(args.device)))
     args.paths = names_from(parser, '--paths', args.paths, PATHS)
     if args.weights and len(args.variants) != 1:
         parser.error('--weights needs exactly one --variants entry (the variant of the checkpoint)')
@@ -388,11 +419,12 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device(args.device)
     state_dict = None
     if args.weights:
-        from hat.archs.detect import load_state_dict
+        from hat.io.checkpoints import load_state_dict
         state_dict = load_state_dict(args.weights)
 
     started = time.time()
-    rates_start = matmul_rates(device)
+    timing_bf16 = any(p in BF16_PATHS for p in args.paths)
+    rates_start = matmul_rates(device, bf16=timing_bf16)
     rows = []
     for variant in args.variants:
         for size in args.sizes:
@@ -400,18 +432,22 @@ def main(argv: list[str] | None = None) -> str:
             flops = count_flops(network_config(variant), size)
             results = bench_config(variant, size, args.paths, args, device, state_dict)
             rows.append((variant, size, flops, results))
-    rates_end = matmul_rates(device)
+    rates_end = matmul_rates(device, bf16=timing_bf16)
     rates = {k: max(rates_start[k] or 0, rates_end[k] or 0) for k in rates_start}
+    emulated = ' bf16 is emulated on this machine: the bf16 rows time the emulation (asked for by --paths).' \
+        if timing_bf16 and not bf16_is_native(device) else ''
 
     lines = [
-        f'HAT x4 inference, {device.type} ({platform.processor() or platform.machine()}, {args.threads} threads), '
+        f'HAT x4 inference. {machine_line(device)}.{emulated}',
+        '',
         f'torch {torch.__version__}; {args.repeats} interleaved rounds after {args.warmup} warm-up; '
         f'{"weights " + args.weights if args.weights else "random weights"}; run took '
         f'{(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load_average()}.',
         '',
         'Matrix-multiply rate (2048x2048, GFLOP/s at the start / end of the run): fp32 torch.matmul '
         f'{rates_start["fp32"]:.0f} / {rates_end["fp32"]:.0f}, fp32 oneDNN {fmt(rates_start["fp32-onednn"], ".0f")} '
-        f'/ {fmt(rates_end["fp32-onednn"], ".0f")}, bf16 {rates_start["bf16"]:.0f} / {rates_end["bf16"]:.0f}. The % '
+        f'/ {fmt(rates_end["fp32-onednn"], ".0f")}, bf16 {fmt(rates_start["bf16"], ".0f", "not measured")} / '
+        f'{fmt(rates_end["bf16"], ".0f", "not measured")}. The % '
         'column is against the best of these for the precision of the path.',
         '',
         '| variant | LR size | path | median s | best s | speed-up vs official | GFLOP/s (% of matmul) '

@@ -6,7 +6,8 @@
 
 For each tile size (0: the whole image) the whole image is upscaled once after a warm-up, and the table gives the
 device's peak memory above what the weights take (CUDA: the caching allocator's peak; elsewhere the peak of the bytes
-held by tensors, :class:`hat.upscale.TensorPeakMemory`, which on the CPU includes the host output canvas), the part
+held by tensors, :class:`hat.inference.memory.TensorPeakMemory`, which on the CPU includes the host output canvas), the
+part
 of it that the output canvas takes (CPU, tiled), the memory model's estimate for one tile of that size, and the wall
 time. Weights are random unless ``-m`` is given:
 memory and time do not depend on their values.
@@ -27,12 +28,14 @@ if __package__ in (None, ''):
 import hat  # noqa: E402,F401  (compat shim and registries before anything from basicsr)
 from hat.archs.detect import RELEASED_HAT_SHARED, RELEASED_HAT_VARIANTS  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
-from hat.upscale import Upscaler, load_network, measure_peak_memory  # noqa: E402
+from hat.archs.detect import build_from_checkpoint  # noqa: E402
+from hat.inference.memory import measure_peak_memory  # noqa: E402
+from hat.inference.upscaler import Upscaler  # noqa: E402
 
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     if args.model:
-        return load_network(args.model, param_key=None, device=device)
+        return build_from_checkpoint(args.model, device=device)
     kwargs = dict(RELEASED_HAT_SHARED, **RELEASED_HAT_VARIANTS[args.variant], upscale=args.scale, img_size=64)
     return HAT(**kwargs).to(device).eval()
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         side = tile or args.size
         upscaler.upscale(image[:side, :side])  # warm-up (kernels, caches)
         start = time.perf_counter()
-        peak = measure_peak_memory(lambda: upscaler.upscale(image), device=device, known=known)
+        peak = measure_peak_memory(lambda: upscaler.upscale(image), device=device, known=known)  # noqa: B023
         seconds = time.perf_counter() - start
         tiled_canvas = canvas if tile and tile < args.size else 0
         print(f'| {tile or "whole"} | {peak / 2**20:.1f} | {tiled_canvas / 2**20:.1f} | '

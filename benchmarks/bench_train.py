@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import sys
 import time
@@ -40,8 +40,10 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
-from benchmarks.bench_inference import (VARIANTS, child_peak_mib, load_average, matmul_rates,  # noqa: E402
-                                        names_from, network_config, peak_growth_mib, publish, synchronize)
+from benchmarks.bench_inference import (VARIANTS, bf16_is_native, child_peak_mib, default_paths,  # noqa: E402
+                                        load_average, machine_line, matmul_rates, names_from, network_config,
+                                        peak_growth_mib, publish, synchronize)
+from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 from hat.models.hat_model import HATModel  # noqa: E402
 
 MODES = ('official', 'fp32', 'bf16', 'fp32-ckpt', 'bf16-ckpt', 'compile', 'compile-bf16')
@@ -103,12 +105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variants', default='HAT-S,HAT', help='comma-separated: HAT-S,HAT,HAT-L')
-    parser.add_argument('--modes', default=','.join(DEFAULT_MODES), help=f'comma-separated, from {",".join(MODES)}')
+    parser.add_argument('--modes', default=None, help=f'comma-separated, from {",".join(MODES)} (default: '
+                        f'{",".join(DEFAULT_MODES)}, the bf16 ones only where bf16 is native)')
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--patch', type=int, default=32, help='LR patch side (a multiple of 16, default 32)')
     parser.add_argument('--iters', type=int, default=3, help='timed rounds (default 3)')
     parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--quick', action='store_true', help='HAT-S only, modes official, fp32, bf16')
+    parser.add_argument('--quick', action='store_true', help='HAT-S only, modes official, fp32 (and bf16 where '
+                        'native)')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true')
@@ -116,8 +120,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    bf16_modes = tuple(m for m in MODES if 'bf16' in m)
     if args.quick:
-        args.variants, args.modes = 'HAT-S', 'official,fp32,bf16'
+        args.variants = 'HAT-S'
+        args.modes = args.modes or ','.join(default_paths(torch.device(args.device), ('official', 'fp32', 'bf16'),
+                                                          bf16_modes))
+    if args.modes is None:
+        args.modes = ','.join(default_paths(torch.device(args.device), DEFAULT_MODES, bf16_modes))
     args.variants = names_from(parser, '--variants', args.variants, VARIANTS)
     args.modes = names_from(parser, '--modes', args.modes, MODES)
     if args.patch % 16:
@@ -135,9 +144,15 @@ def main(argv: list[str] | None = None) -> str:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.time()
-    rates = matmul_rates(device)
-    rows = [f'HATModel training iterations, {device.type} ({platform.processor() or platform.machine()}, '
-            f'{args.threads} threads), torch {torch.__version__}; batch {args.batch}, LR patch {args.patch}x{args.patch} '
+    timing_bf16 = any('bf16' in m for m in args.modes)
+    emulated = timing_bf16 and not bf16_is_native(device)
+    if emulated:  # asked for explicitly: time real bf16, not the fp32 that the precision policy would run instead
+        os.environ[FORCE_BF16_ENV] = '1'
+    rates = matmul_rates(device, bf16=timing_bf16)
+    note = ' bf16 is emulated on this machine: the bf16 rows time the emulation (asked for by --modes).' \
+        if emulated else ''
+    rows = [f'HATModel training iterations. {machine_line(device)}.{note}', '',
+            f'torch {torch.__version__}; batch {args.batch}, LR patch {args.patch}x{args.patch} '
             f'(x4); {args.iters} interleaved rounds after {args.warmup} warm-up.', '',
             '| variant | mode | median s/iter | iter/s | speed-up vs official | peak MiB | memory vs official | '
             'loss after warm-up |', '|---|---|---|---|---|---|---|---|']
@@ -178,9 +193,11 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(f'| {variant} | {label} | {median:.3f} | {1 / median:.2f} | {speed} | '
                         f'{"-" if mem is None else f"{mem:.0f}"} | {mem_ratio} | {losses[mode]:.4f} |')
     onednn = rates['fp32-onednn']
+    bf16_rate = 'not measured' if rates['bf16'] is None else f'{rates["bf16"]:.0f}'
     rows += ['', f'Matrix-multiply rate (2048x2048) at the start: fp32 {rates["fp32"]:.0f} (torch.matmul), '
-             f'{"-" if onednn is None else f"{onednn:.0f}"} (oneDNN), bf16 {rates["bf16"]:.0f} GFLOP/s. '
-             f'Run took {(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load_average()}.']
+             f'{"-" if onednn is None else f"{onednn:.0f}"} (oneDNN), bf16 {bf16_rate} GFLOP/s. '
+             f'Run took {(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): '
+             f'{load_average()}.']
     return publish(rows, args.out)
 
 

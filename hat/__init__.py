@@ -3,12 +3,12 @@
 Importing ``hat`` makes basicsr importable on current torchvision (see :mod:`hat.compat`) and registers this
 project's architectures, datasets and models into basicsr's registries.
 """
-from hat import compat
+__version__ = '0.1.0'
+
+from hat import compat  # noqa: E402
 
 compat.apply()
 
 from hat import archs  # noqa: E402,F401  (registers architectures)
 from hat import data  # noqa: E402,F401  (registers datasets)
 from hat import models  # noqa: E402,F401  (registers models)
-
-__version__ = '0.1.0'

@@ -19,6 +19,7 @@ from basicsr.models import build_model  # noqa: E402
 from basicsr.utils import get_env_info, get_time_str, make_exp_dirs  # noqa: E402
 from basicsr.utils.options import dict2str  # noqa: E402
 
+from hat.utils.cli import run_command  # noqa: E402
 from hat.utils.log import setup_logger  # noqa: E402
 from hat.utils.options import parse_options  # noqa: E402
 
@@ -57,4 +58,4 @@ def test_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) -> 
 
 
 if __name__ == '__main__':
-    test_pipeline(ROOT_PATH)
+    sys.exit(run_command(lambda: test_pipeline(ROOT_PATH), prog='test.py'))

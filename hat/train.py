@@ -27,6 +27,7 @@ from basicsr.utils import (AvgTimer, MessageLogger, get_env_info, get_time_str, 
                            make_exp_dirs, mkdir_and_rename)
 from basicsr.utils.options import dict2str  # noqa: E402
 
+from hat.utils.cli import run_command  # noqa: E402
 from hat.utils.log import setup_logger  # noqa: E402
 from hat.utils.options import copy_option_file, parse_options  # noqa: E402
 from hat.utils.resume import prepare_resume, restore_rng_state  # noqa: E402
@@ -198,15 +199,15 @@ def train_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) ->
     start_time = time.time()
     stop = StopRequest()
     stop.install()
-    epoch = start_epoch
+    epoch = first_epoch = start_epoch
     first_batch = None
     if resume_state:
         train_sampler.set_epoch(start_epoch)
         prefetcher.reset()
-        epoch, first_batch = skip_trained_batches(prefetcher, resume_state, start_epoch, current_iter,
-                                                  iters_per_epoch, logger)
+        first_epoch, first_batch = skip_trained_batches(prefetcher, resume_state, start_epoch, current_iter,
+                                                        iters_per_epoch, logger)
     try:
-        for epoch in range(epoch, total_epochs + 1):
+        for epoch in range(first_epoch, total_epochs + 1):
             if first_batch is None:
                 train_sampler.set_epoch(epoch)
                 prefetcher.reset()
@@ -267,4 +268,4 @@ def train_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) ->
 
 
 if __name__ == '__main__':
-    train_pipeline(ROOT_PATH)
+    sys.exit(run_command(lambda: train_pipeline(ROOT_PATH), prog='train.py'))

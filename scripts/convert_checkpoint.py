@@ -10,7 +10,7 @@ nothing but tensors and is safe by design.
 
 Layout. A released checkpoint is ``{'params_ema': state_dict, 'params': state_dict}`` (one of the two, or both). A
 .safetensors file holds one flat ``{name: tensor}`` dict, so by default every one of those entries is stored with its
-name as a prefix: ``params_ema.conv_first.weight``, ``params.conv_first.weight``. ``hat.archs.detect.load_state_dict``
+name as a prefix: ``params_ema.conv_first.weight``, ``params.conv_first.weight``. ``hat.io.checkpoints.load_state_dict``
 (and so ``pretrain_network_g`` in an option file, with ``param_key_g`` as usual) reads such a file back as the nested
 dict. ``--param-key NAME`` converts that entry only, stored as a plain state dict (unprefixed keys, the layout other
 tools such as chaiNNer expect); a .pth that is itself a plain state dict is stored the same way.
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from os import path as osp
 from pathlib import Path
@@ -40,7 +38,8 @@ if __package__ in (None, ''):  # run as a script: make the project importable wi
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from hat.archs.detect import DEFAULT_PARAM_KEYS, load_state_dict, unwrap_state_dict  # noqa: E402
+from hat.io.checkpoints import (DEFAULT_PARAM_KEYS, load_checkpoint, load_state_dict, save_checkpoint,  # noqa: E402
+                                 unwrap_state_dict)
 
 logger = logging.getLogger('convert_checkpoint')
 
@@ -58,14 +57,6 @@ def format_of(path: Path) -> Optional[str]:
     return next((name for name, suffixes in FORMATS.items() if suffix in suffixes), None)
 
 
-def _require_safetensors() -> Any:
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ConversionError('the safetensors package is not installed: pip install safetensors') from None
-    return safetensors.torch
-
-
 def read_entries(path: Path, param_key: Optional[str]) -> dict[Optional[str], dict[str, Tensor]]:
     """The state dicts to convert, by entry name (``None``: the file is a plain state dict).
 
@@ -73,14 +64,12 @@ def read_entries(path: Path, param_key: Optional[str]) -> dict[Optional[str], di
         path: a .pth or .safetensors checkpoint.
         param_key: one entry to convert, or None for every entry of :data:`DEFAULT_PARAM_KEYS` present.
     """
-    if format_of(path) == 'safetensors':
-        _require_safetensors()
     try:
-        # load_state_dict reads without running code (weights_only, or safetensors) and explains a refusal.
+        # Read without running code (weights_only, or safetensors); a refusal is explained.
         if param_key is not None:
             return {param_key: load_state_dict(path, param_key)}
-        whole = _load_whole(path)
-    except (FileNotFoundError, ValueError) as error:
+        whole = load_checkpoint(path)
+    except (FileNotFoundError, ValueError, ImportError) as error:
         raise ConversionError(str(error)) from None
     if isinstance(whole, Mapping) and any(k in whole for k in DEFAULT_PARAM_KEYS):
         others = [str(k) for k in whole if k not in DEFAULT_PARAM_KEYS]
@@ -93,59 +82,13 @@ def read_entries(path: Path, param_key: Optional[str]) -> dict[Optional[str], di
         raise ConversionError(f'{path}: {error} (use --param-key NAME)') from None
 
 
-def _load_whole(path: Path) -> Any:
-    """The checkpoint as stored (its entries kept), read without running code."""
-    if format_of(path) == 'safetensors':
-        from hat.archs import detect
-        return detect._load_safetensors(path, 'cpu')  # noqa: SLF001  (the one reader of the prefixed layout)
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:
-        load_state_dict(path)  # raises its explanation (refused pickle, damaged file, ...)
-        raise
-
-
-def _own(tensor: Tensor) -> Tensor:
-    """A contiguous copy: safetensors refuses tensors that share memory (as ``params`` and ``params_ema`` may when a
-    file was saved without EMA) and views into larger storages."""
-    return tensor.detach().clone().contiguous()
-
-
 def to_storable(entries: dict[Optional[str], dict[str, Tensor]], target: str, flat: bool) -> dict[str, Any]:
-    """What is written: for safetensors a flat dict (plain, or prefixed ``<entry>.<key>``); for a .pth
-    ``{entry: state_dict}``."""
-    if target == 'pth':
-        return {(name or PLAIN_PTH_KEY): {k: _own(v) for k, v in sd.items()} for name, sd in entries.items()}
+    """What :func:`hat.io.checkpoints.save_checkpoint` writes: a plain state dict (``flat``), or
+    ``{entry: state_dict}`` (a .safetensors file stores those as ``<entry>.<key>``)."""
     if flat:
         (state_dict, ) = entries.values()
-        return {k: _own(v) for k, v in state_dict.items()}
-    return {f'{name}.{k}': _own(v) for name, sd in entries.items() for k, v in sd.items()}
-
-
-def write_new(obj: dict[str, Any], output: Path, target: str, metadata: dict[str, str]) -> None:
-    """Write ``obj`` to ``output`` through a temporary file; never replace an existing file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{output.name}.', suffix='.tmp', dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if target == 'safetensors':
-            _require_safetensors().save_file(obj, str(tmp), metadata=metadata)
-        else:
-            torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions of a normal one
-        try:
-            os.link(tmp, output)  # fails if the output appeared meanwhile: no overwrite, even in a race
-        except FileExistsError:
-            raise ConversionError(f'{output} already exists; not overwriting it') from None
-        except OSError:  # a file system without hard links
-            if output.exists():
-                raise ConversionError(f'{output} already exists; not overwriting it') from None
-            os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return state_dict
+    return {(name or PLAIN_PTH_KEY): sd for name, sd in entries.items()}
 
 
 def verify(output: Path, entries: dict[Optional[str], dict[str, Tensor]], flat: bool) -> None:
@@ -190,7 +133,12 @@ def convert(source: Path, output: Optional[Path] = None, to: Optional[str] = Non
     flat = to == 'safetensors' and (param_key is not None or None in entries)
     metadata = {'format': 'pt', 'converted_from': source.name,
                 'layout': 'state_dict' if flat else ','.join(f'{name}.<key>' for name in entries)}
-    write_new(to_storable(entries, to, flat), output, to, metadata)
+    try:
+        save_checkpoint(to_storable(entries, to, flat), output, metadata=metadata, overwrite=False)
+    except FileExistsError:
+        raise ConversionError(f'{output} already exists; not overwriting it') from None
+    except ImportError as error:
+        raise ConversionError(str(error)) from None
     try:
         verify(output, entries, flat)
     except ConversionError:

@@ -22,11 +22,10 @@ import os.path as osp
 import sys
 from typing import Optional, Sequence
 
-from PIL import Image
-
 import hat  # noqa: F401  (makes basicsr importable; must precede it)
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs  # noqa: E402
-from hat.data.gt_source import IMG_EXTENSIONS, list_images  # noqa: E402
+from hat.data.gt_source import list_images  # noqa: E402
+from hat.io.images import IMAGE_EXTENSIONS, image_header  # noqa: E402
 
 logger = logging.getLogger('create_lmdb')
 
@@ -63,10 +62,8 @@ def estimate_map_size(folder: str, rel_paths: Sequence[str]) -> int:
     """Bytes to reserve for the lmdb of these images, from their header sizes (raw pixels with a margin)."""
     total = 0
     for rel in rel_paths:
-        with Image.open(osp.join(folder, rel)) as img:
-            width, height = img.size
-            bytes_per_sample = 2 if img.mode.startswith('I;16') or img.mode == 'I' else 1
-            total += width * height * len(img.getbands()) * bytes_per_sample
+        header = image_header(osp.join(folder, rel))
+        total += header.width * header.height * header.channels * header.bit_depth // 8
     return int(total * _MAP_SIZE_FACTOR) + _MAP_SIZE_MARGIN
 
 
@@ -129,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         rel_paths = list_images(folder)
         if not rel_paths:
-            logger.error('no image (%s) found in %s', ', '.join(IMG_EXTENSIONS), folder)
+            logger.error('no image (%s) found in %s', ', '.join(IMAGE_EXTENSIONS), folder)
             return 1
         message = check_keys([lmdb_key(p) for p in rel_paths], folder)
         if message:

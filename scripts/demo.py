@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -21,6 +20,7 @@ sys.path.insert(0, str(ROOT / 'scripts'))
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from basicsr.metrics import calculate_psnr, calculate_ssim  # noqa: E402
 
+from hat.io.images import read_array  # noqa: E402
 from hat.test import test_pipeline  # noqa: E402
 from hat.utils.matlab_resize import imresize_uint8  # noqa: E402
 from prepare_demo import DEMO_PHOTOS, SCALE, prepare_demo  # noqa: E402
@@ -38,11 +38,12 @@ def report_table(demo_dir: Path, results_dir: Path) -> str:
     """Markdown table: per image and average PSNR/SSIM of bicubic and of the HAT-demo images in results_dir."""
     rows, sums = [], [0.0, 0.0, 0.0, 0.0]
     for name in DEMO_PHOTOS:
-        gt = cv2.imread(str(demo_dir / f'GTmod{SCALE}' / f'{name}.png'))
-        lq = cv2.imread(str(demo_dir / f'LRbicx{SCALE}' / f'{name}.png'))
-        sr = cv2.imread(str(results_dir / f'{name}_HAT-demo_SRx4.png'))
-        if sr is None:
-            raise FileNotFoundError(f'{results_dir / name}_HAT-demo_SRx4.png was not written by the test pipeline')
+        gt = read_array(demo_dir / f'GTmod{SCALE}' / f'{name}.png', colour=True)
+        lq = read_array(demo_dir / f'LRbicx{SCALE}' / f'{name}.png', colour=True)
+        sr_path = results_dir / f'{name}_HAT-demo_SRx4.png'
+        if not sr_path.is_file():
+            raise FileNotFoundError(f'{sr_path} was not written by the test pipeline')
+        sr = read_array(sr_path, colour=True)
         values = (*measure(imresize_uint8(lq, SCALE), gt), *measure(sr, gt))
         sums = [s + v for s, v in zip(sums, values)]
         rows.append(f'| {name} | {values[0]:.2f} / {values[1]:.4f} | {values[2]:.2f} / {values[3]:.4f} | '

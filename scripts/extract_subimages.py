@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from hat.data.gt_source import IMG_EXTENSIONS, list_images
+from hat.data.gt_source import list_images
+from hat.io.images import IMAGE_EXTENSIONS, read_array
 
 logger = logging.getLogger('extract_subimages')
 
@@ -61,9 +62,7 @@ def tile_starts(length: int, crop_size: int, step: int, thresh_size: int) -> lis
 def extract_one(task: tuple[str, str, str, int, int, int, int, str]) -> tuple[str, int]:
     """Cut one image into tiles. Returns its relative path and the number of tiles written (-1: too small)."""
     input_folder, rel_path, output_folder, crop_size, step, thresh_size, compression, strip_suffix = task
-    img = cv2.imread(osp.join(input_folder, rel_path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise OSError(f'cannot read image {osp.join(input_folder, rel_path)} (corrupt or not an image file)')
+    img = read_array(osp.join(input_folder, rel_path))
     h, w = img.shape[:2]
     tops = tile_starts(h, crop_size, step, thresh_size)
     lefts = tile_starts(w, crop_size, step, thresh_size)
@@ -130,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     images = list_images(args.input)
     if not images:
-        logger.error('no image (%s) found in %s', ', '.join(IMG_EXTENSIONS), args.input)
+        logger.error('no image (%s) found in %s', ', '.join(IMAGE_EXTENSIONS), args.input)
         return 1
     os.makedirs(args.output, exist_ok=True)
     logger.info('Cutting %d images from %s into %dx%d sub-images every %d pixels (thresh %d) -> %s',

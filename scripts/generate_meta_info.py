@@ -22,19 +22,18 @@ import os.path as osp
 import sys
 from typing import Optional, Sequence
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from hat.data.gt_source import IMG_EXTENSIONS, list_images
+from hat.data.gt_source import list_images
+from hat.io.images import IMAGE_EXTENSIONS, UnreadableImageError, image_header
 
 logger = logging.getLogger('generate_meta_info')
 
 
 def image_shape(path: str) -> tuple[int, int, int]:
     """``(height, width, channels)`` of an image file, read from its header."""
-    with Image.open(path) as img:
-        width, height = img.size
-        return height, width, len(img.getbands())
+    header = image_header(path)
+    return header.height, header.width, header.channels
 
 
 def meta_info_lines(folder: str, names: Sequence[str]) -> list[str]:
@@ -63,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     names = list_images(args.input)
     if not names:
-        logger.error('no image (%s) found in %s', ', '.join(IMG_EXTENSIONS), args.input)
+        logger.error('no image (%s) found in %s', ', '.join(IMAGE_EXTENSIONS), args.input)
         return 1
     spaced = [name for name in names if any(ch.isspace() for ch in name)]
     if spaced:
@@ -72,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     try:
         lines = meta_info_lines(args.input, names)
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnreadableImageError) as err:
         logger.error('cannot read an image header: %s', err)
         return 1
     out_dir = osp.dirname(osp.abspath(args.output))

@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from hat.io.images import IMAGE_EXTENSIONS, read_array
 from hat.utils.matlab_resize import imresize_uint8
 
 logger = logging.getLogger('prepare_benchmark')
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 DEFAULT_SCALES = (2, 3, 4)
 
 
@@ -59,9 +59,7 @@ def read_uint8(path: Path) -> np.ndarray:
     Raises:
         ValueError: the file cannot be decoded or is not 8 bits per channel.
     """
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f'cannot read {path}: not an image OpenCV can decode')
+    img = read_array(path)  # UnreadableImageError (a ValueError) names the file
     if img.dtype != np.uint8:
         bits = img.dtype.itemsize * 8
         raise ValueError(f'{path} has {bits}-bit samples ({img.dtype}); the benchmark protocol is defined on 8-bit '

@@ -14,6 +14,14 @@ from hat.models.hat_model import HATModel, amp_dtype
 SCALE = 2
 
 
+@pytest.fixture(autouse=True)
+def cpu_with_native_bf16(monkeypatch):
+    """These tests are about bf16 arithmetic: they see a CPU with native bf16 (mocked), so that ``amp: bf16`` runs
+    bf16 on any machine (on a CPU that emulates bf16 it is slow, but the same function)."""
+    from hat.inference import precision
+    monkeypatch.setattr(precision, 'native_cpu_bf16', lambda: 'avx512_bf16')
+
+
 def model_options(*, train: dict | None = None, val: dict | None = None, is_train: bool = True) -> dict:
     """A tiny HAT (the golden ``hat_tiny_x2`` configuration) trained with L1, Adam and EMA on the CPU."""
     opt = {

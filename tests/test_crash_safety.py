@@ -17,7 +17,7 @@ from conftest import REPO
 from hat.train import train_pipeline
 from hat.utils.atomic import atomic_torch_save
 from hat.utils.resume import find_auto_resume_state
-from test_pipelines import image_set, train_options  # noqa: F401  (fixture)
+from test_pipelines import train_options
 
 TOTAL_ITER = 40
 
@@ -58,7 +58,7 @@ def final_weights(root: Path, name: str) -> dict:
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(image_set, tmp_path_factory):  # noqa: F811
+def uninterrupted(image_set, tmp_path_factory):
     root = tmp_path_factory.mktemp('uninterrupted')
     opt_file = write_options(root / 'opt.yml', image_set, 'run')
     proc = start_training(root, opt_file)
@@ -67,8 +67,9 @@ def uninterrupted(image_set, tmp_path_factory):  # noqa: F811
     return final_weights(root, 'run')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['SIGKILL', 'SIGTERM'])
-def test_interrupted_run_resumes_to_the_same_weights(how, image_set, uninterrupted, tmp_path):  # noqa: F811
+def test_interrupted_run_resumes_to_the_same_weights(how, image_set, uninterrupted, tmp_path):
     opt_file = write_options(tmp_path / 'opt.yml', image_set, 'run')
     proc = start_training(tmp_path, opt_file)
     states = tmp_path / 'experiments' / 'run' / 'training_states'
@@ -95,7 +96,7 @@ def test_interrupted_run_resumes_to_the_same_weights(how, image_set, uninterrupt
     assert not different, f'{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}'
 
 
-def test_auto_resume_skips_a_damaged_newest_state(image_set, tmp_path, caplog):  # noqa: F811
+def test_auto_resume_skips_a_damaged_newest_state(image_set, tmp_path, caplog):
     opt = {'path': {'training_states': str(tmp_path / 'states'), 'models': str(tmp_path / 'models')},
            'network_g': {}}
     (tmp_path / 'states').mkdir()
@@ -145,7 +146,7 @@ class NaNAtIterFiveLoss(torch.nn.Module):
         return loss * float('nan') if self.calls >= 5 else loss
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_set, tmp_path):  # noqa: F811
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_set, tmp_path):
     opt = train_options(image_set, 'diverging', total_iter=20)
     opt['train']['pixel_opt'] = {'type': 'NaNAtIterFiveLoss'}
     opt['logger']['save_checkpoint_freq'] = 4

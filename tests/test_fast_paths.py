@@ -8,14 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GOLDEN, golden_config, golden_state_dict
+from conftest import GOLDEN_CASES, golden_io, golden_net
 from hat.archs import attention as attention_module
 from hat.archs.attention import attention, chunked_attention, reference_attention
-from hat.archs.hat_arch import HAT, Linear
+from hat.archs.hat_arch import Linear
 from hat.archs.window import shift_mask_patterns, window_order, window_partition
-
-GOLDEN_CASES = ['hat_tiny_x2', 'hat_tiny_x3_batch2', 'hat_tiny_x4_window16', 'hat_tiny_x2_gray',
-                'hat_tiny_x2_overlap025']
 
 
 def official_windows(x: torch.Tensor, ws: int, shift: int) -> torch.Tensor:
@@ -163,10 +160,9 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize('case', GOLDEN_CASES)
 def test_golden_output_in_bf16_is_within_50_db(case, fused):
     """bf16 autocast on both attention paths stays within 50 dB PSNR of the golden fp32 output (54-60 dB measured)."""
-    net = HAT(**golden_config(case), fused_attn=fused)
-    net.load_state_dict(golden_state_dict(case))
-    io = torch.load(GOLDEN / f'{case}_io.pt', weights_only=True)
+    net = golden_net(case, fused_attn=fused)
+    io = golden_io(case)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        out = net.eval()(io['input'])
+        out = net(io['input'])
     assert out.dtype == torch.float32 and out.shape == io['output'].shape
     assert psnr(out, io['output']) >= 50

@@ -13,14 +13,13 @@ import torch.nn as nn
 import yaml
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from conftest import REPO
+from conftest import REPO, tiny_hat_config
 from hat.analysis import compare, features, lam
 from hat.analysis.lam import GRADIENT_EPS, Window, diffusion_index, gini, local_attribution_map
 from hat.archs.hat_arch import HAT
 
 TINY_EDSR = dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=2)
-TINY_HAT = dict(img_size=16, embed_dim=12, depths=(1, 1), num_heads=(2, 2), window_size=4, compress_ratio=3,
-                squeeze_factor=4, mlp_ratio=2.0, upscale=2)
+TINY_HAT = tiny_hat_config(upscale=2, depths=(1, 1), squeeze_factor=4)
 
 
 class LocalNet(nn.Module):
@@ -242,7 +241,7 @@ def tiny_models(tmp_path_factory):
         paths[f'ckpt{seed}'] = root / f'tiny_hat_{seed}.pth'
         torch.save({'params_ema': net.state_dict()}, paths[f'ckpt{seed}'])
     paths['options'] = root / 'tiny_hat.yml'
-    network_g = {'type': 'HAT', **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY_HAT.items()}}
+    network_g = {'type': 'HAT', **TINY_HAT}
     paths['options'].write_text(yaml.safe_dump({'network_g': network_g, 'path': {
         'pretrain_network_g': str(paths['ckpt0']), 'param_key_g': 'params_ema', 'strict_load_g': True}}))
     torch.manual_seed(2)
@@ -258,6 +257,7 @@ def tiny_models(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_lam_cli_with_a_checkpoint_prints_json_and_writes_its_files(tiny_models, tmp_path):
     out = tmp_path / 'lam'
     cmd = [sys.executable, '-m', 'hat.analysis.lam', '-m', str(tiny_models['ckpt0']), '-i', str(tiny_models['image']),

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO, golden_config, golden_state_dict
+from conftest import GOLDEN_CASES, REPO, golden_config, golden_io, golden_state_dict
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -15,8 +15,6 @@ from benchmarks.official_baseline import OfficialHAT, official_calculate_mask  #
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.archs.window import shift_mask_patterns  # noqa: E402
 
-GOLDEN_CASES = ['hat_tiny_x2', 'hat_tiny_x3_batch2', 'hat_tiny_x4_window16', 'hat_tiny_x2_gray',
-                'hat_tiny_x2_overlap025']
 TOLERANCE = 1e-5
 
 
@@ -28,7 +26,7 @@ def load_baseline(case: str) -> OfficialHAT:
 
 @pytest.mark.parametrize('case', GOLDEN_CASES)
 def test_baseline_reproduces_golden_output(case):
-    io = torch.load(GOLDEN / f'{case}_io.pt', weights_only=True)
+    io = golden_io(case)
     with torch.no_grad():
         out = load_baseline(case)(io['input'])
     assert out.shape == io['output'].shape
@@ -36,7 +34,7 @@ def test_baseline_reproduces_golden_output(case):
 
 
 def test_baseline_pads_like_the_official_model():
-    io = torch.load(GOLDEN / 'hat_tiny_x2_padded_io.pt', weights_only=True)
+    io = golden_io('hat_tiny_x2_padded')
     with torch.no_grad():
         out = load_baseline(io['checkpoint'].removesuffix('.pth'))(io['input'])
     assert out.shape == (1, 3, 42, 70)
@@ -53,7 +51,7 @@ def test_baseline_has_the_state_dict_of_our_hat():
 def test_baseline_is_sensitive_to_the_weights():
     """A wrong bias table moves its output far beyond the tolerance: the golden match is not an accident."""
     net = load_baseline('hat_tiny_x2')
-    io = torch.load(GOLDEN / 'hat_tiny_x2_io.pt', weights_only=True)
+    io = golden_io('hat_tiny_x2')
     with torch.no_grad():
         net.layers[1].residual_group.blocks[1].attn.relative_position_bias_table.mul_(1.1)
         assert (net(io['input']) - io['output']).abs().max().item() > 1e-3

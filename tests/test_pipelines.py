@@ -15,43 +15,17 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, tiny_hat_config
 from hat.archs.hat_arch import HAT
 from hat.test import test_pipeline as run_test_pipeline
 from hat.train import train_pipeline
 
-SCALE = 2
-TINY_HAT = {
-    'type': 'HAT', 'upscale': SCALE, 'in_chans': 3, 'img_size': 16, 'window_size': 4, 'compress_ratio': 3,
-    'squeeze_factor': 6, 'conv_scale': 0.01, 'overlap_ratio': 0.5, 'img_range': 1.0, 'depths': [1, 1],
-    'embed_dim': 12, 'num_heads': [2, 2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffle', 'resi_connection': '1conv'
-}
+SCALE = 2  # the scale of the conftest image_set
+TINY_HAT = {'type': 'HAT', **tiny_hat_config(upscale=SCALE, depths=(1, 1))}
 METRICS = {
     'psnr': {'type': 'calculate_psnr', 'crop_border': SCALE, 'test_y_channel': True},
     'ssim': {'type': 'calculate_ssim', 'crop_border': SCALE, 'test_y_channel': True},
 }
-
-
-def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A smooth colourful uint8 image (BGR, as cv2 writes it)."""
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    channels = [np.sin(rng.uniform(2, 8) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 8) * yy) for _ in range(3)]
-    return np.clip(127.5 + 100 * np.stack(channels, axis=2), 0, 255).round().astype(np.uint8)
-
-
-@pytest.fixture(scope='module')
-def image_set(tmp_path_factory) -> Path:
-    """4 GT images (40x56 and 48x48) with their x2 LQ, in gt/ and lq/ (same file names)."""
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    (root / 'gt').mkdir()
-    (root / 'lq').mkdir()
-    for i, (h, w) in enumerate([(40, 56), (48, 48), (40, 56), (48, 48)]):
-        gt = smooth_image(rng, h, w)
-        cv2.imwrite(str(root / 'gt' / f'img{i}.png'), gt)
-        cv2.imwrite(str(root / 'lq' / f'img{i}.png'), cv2.resize(gt, (w // SCALE, h // SCALE),
-                                                                    interpolation=cv2.INTER_AREA))
-    return root
 
 
 def train_options(image_set: Path, name: str, total_iter: int = 20) -> dict:
@@ -84,9 +58,7 @@ def write_yaml(path: Path, opt: dict) -> str:
 
 
 def load_net(path: Path, key: str = 'params_ema') -> HAT:
-    cfg = dict(TINY_HAT)
-    cfg.pop('type')
-    net = HAT(**cfg)
+    net = HAT(**tiny_hat_config(upscale=SCALE, depths=(1, 1)))
     net.load_state_dict(torch.load(path, weights_only=True)[key], strict=True)
     return net.eval()
 
@@ -217,6 +189,7 @@ def test_wrong_variant_checkpoint_names_the_mismatch(trained, image_set):
         run_test_pipeline(str(root), ['-opt', write_yaml(root / 'test_wrong.yml', opt)])
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_on_the_cpu(image_set):
     """``torchrun --nproc_per_node=2 hat/train.py --launcher pytorch`` with the nccl option falls back to gloo."""
     name = f'pytest_ddp_{uuid.uuid4().hex[:8]}'

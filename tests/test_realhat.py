@@ -22,9 +22,10 @@ from basicsr.utils import DiffJPEG, USMSharp
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch.utils.data import default_collate
 
-from conftest import REPO
+from conftest import REPO, tiny_hat_config
 from hat.data import RealESRGANDataset
 from hat.losses import LocalVGGPerceptualLoss, find_vgg_weights
+from hat.losses.perceptual import VGGFeatures, load_vgg_features, vgg_layer_names
 from hat.models import RealHATGANModel, RealHATMSEModel
 from hat.models.realhatmse_model import RealESRGANDegradation, TrainingPairPool
 from hat.train import train_pipeline
@@ -36,13 +37,8 @@ VGG_FILE = 'vgg19-dcbb9e9d.pth'
 SCALE = 4
 CROP = 96  # the GT patch the LQ is made from (Real-ESRGAN: 400)
 GT_SIZE = 32  # the training crop (LQ 8x8)
-TINY_HAT = {
-    'type': 'HAT', 'upscale': SCALE, 'in_chans': 3, 'img_size': 8, 'window_size': 4, 'compress_ratio': 3,
-    'squeeze_factor': 6, 'conv_scale': 0.01, 'overlap_ratio': 0.5, 'img_range': 1.0, 'depths': [1],
-    'embed_dim': 12, 'num_heads': [2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffle', 'resi_connection': '1conv',
-}
+TINY_HAT = {'type': 'HAT', **tiny_hat_config(upscale=SCALE, img_size=8)}
 SHIPPED_LAYER_WEIGHTS = {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1, 'conv4_4': 1, 'conv5_4': 1}
-
 
 
 def textured_image(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -346,6 +342,58 @@ def test_local_perceptual_loss_equals_basicsr(criterion, tmp_path, fake_vgg19_st
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert results[1][0] > 0 and not any(p.requires_grad for p in ours.parameters())
+
+
+def random_vgg_features(vgg_type: str, seed: int) -> torch.nn.Sequential:
+    """torchvision's ``vgg.features`` layout with random weights (and random batch-norm statistics for ``_bn``)."""
+    torch.manual_seed(seed)
+    cfg = {'vgg16': 'D', 'vgg19': 'E'}[vgg_type.removesuffix('_bn')]
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[cfg], batch_norm=vgg_type.endswith('_bn'))
+    for module in features.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.normal_(module.bias, std=0.1)
+            module.running_mean.normal_(std=0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return features.eval()
+
+
+@pytest.mark.parametrize('vgg_type', ['vgg19', 'vgg16_bn'])
+def test_vgg_features_equal_basicsr_feature_extractor_at_every_layer(vgg_type, tmp_path, monkeypatch):
+    """A weights file in torchvision's layout (``features.0.weight``, ...) gives, at every named layer, exactly the
+    output of basicsr's VGGFeatureExtractor built from the same weights, under the same layer names."""
+    import basicsr.archs.vgg_arch as vgg_arch
+    from basicsr.archs.vgg_arch import VGGFeatureExtractor
+
+    reference_features = random_vgg_features(vgg_type, seed=1)
+    weights = tmp_path / f'{vgg_type}.pth'
+    torch.save({f'features.{k}': v for k, v in reference_features.state_dict().items()}, weights)
+    # the keys torchvision's own network expects for its ``features`` (built on the meta device: nothing allocated)
+    with torch.device('meta'):
+        torchvision_keys = [k for k in getattr(torchvision.models, vgg_type)(weights=None).state_dict()
+                            if k.startswith('features.')]
+    assert [f'features.{k}' for k in load_vgg_features(vgg_type, str(weights)).state_dict()] == torchvision_keys
+
+    monkeypatch.setattr(vgg_arch, 'VGG_PRETRAIN_PATH', str(tmp_path / 'absent.pth'))
+    monkeypatch.setattr(vgg_arch, 'vgg', types.SimpleNamespace(
+        **{vgg_type: lambda pretrained: types.SimpleNamespace(features=reference_features)}))
+    names = vgg_layer_names(vgg_type)
+    reference = VGGFeatureExtractor(layer_name_list=names, vgg_type=vgg_type, use_input_norm=True, range_norm=True)
+    ours = VGGFeatures(layer_names=names, vgg_type=vgg_type, weights_file=str(weights), use_input_norm=True,
+                       range_norm=True)
+    assert names == reference.names
+    assert list(ours.state_dict()) == [k for k in reference.state_dict() if k not in ('mean', 'std')]
+    assert all(not p.requires_grad for p in ours.parameters())
+
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ours.train()  # a training model switches its losses to train mode: the frozen VGG must stay in eval mode
+    with torch.no_grad():
+        expected, got = reference(x), ours(x)
+    assert list(got) == names and got['pool5'].shape == (2, 512, 1, 1)
+    for name in names:
+        assert torch.equal(got[name], expected[name]), name
+    assert (got['conv1_1'] < 0).any(), 'the pre-activation features were overwritten by the ReLU'
 
 
 def test_missing_vgg_file_names_it_and_downloads_nothing(tmp_path, monkeypatch):

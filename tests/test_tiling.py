@@ -82,8 +82,8 @@ def test_tiled_psnr_matches_whole_image_psnr_on_set5(sr_like_net):
         lq = cv2.imread(str(SHARED_DATASETS / 'Set5/LR_bicubic/X2' / f'{name}.png'))
         x = torch.from_numpy(lq[:, :, ::-1].copy()).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
-            outputs = {'whole': sr_like_net(x), 'tiled': tiled_forward(sr_like_net, x, scale=2, tile_size=48, tile_pad=8,
-                                                                  multiple=8, progress=False)}
+            tiled = tiled_forward(sr_like_net, x, scale=2, tile_size=48, tile_pad=8, multiple=8, progress=False)
+            outputs = {'whole': sr_like_net(x), 'tiled': tiled}
         for key, out in outputs.items():
             img = (out[0].clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1] * 255).round().astype(np.uint8)
             scores[key].append(calculate_psnr(img, gt[:img.shape[0], :img.shape[1]], crop_border=2,
@@ -94,7 +94,7 @@ def test_tiled_psnr_matches_whole_image_psnr_on_set5(sr_like_net):
 def test_memory_is_the_canvas_and_one_tile():
     """The blend needs the output canvas and its one-channel weight sum, plus one tile's temporaries; the final
     normalisation is done in place (a second canvas would add most of the peak for a large image)."""
-    from hat.upscale import TensorPeakMemory
+    from hat.inference.memory import TensorPeakMemory
 
     def net(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.interpolate(t, scale_factor=4, mode='nearest')

@@ -220,7 +220,7 @@ def test_imagenet_clear_errors(gt_folder, tmp_path):
     (gt_folder / 'broken.png').write_bytes(b'this is not a png')
     ds = ImageNetPairedDataset(imagenet_opt(gt_folder))
     broken = ds.paths.index(str(gt_folder / 'broken.png'))
-    with pytest.raises(ValueError, match=r'cannot decode GT image .*broken\.png'):
+    with pytest.raises(ValueError, match=r'cannot read GT image .*broken\.png'):
         ds[broken]
 
 

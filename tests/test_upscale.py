@@ -23,8 +23,12 @@ from PIL import Image, ImageOps
 from hat.archs.hat_arch import HAT
 from hat.archs.srvgg_arch import SRVGGNetCompact
 from hat.test import test_pipeline as run_test_pipeline
-from hat.upscale import (MemoryModel, TensorPeakMemory, Upscaler, all_finite, apply_exif_orientation, load_network,
-                         main, measure_peak_memory)
+from hat.archs.detect import build_from_checkpoint
+from hat.archs.hat_arch import RECONSTRUCTION_BAND, RECONSTRUCTION_HALO
+from hat.inference.memory import MemoryModel, TensorPeakMemory, measure_peak_memory
+from hat.inference.upscaler import Upscaler, all_finite
+from hat.io.images import apply_exif_orientation
+from hat.upscale import main
 from hat.utils.ensemble import self_ensemble
 
 SCALE = 2
@@ -325,7 +329,7 @@ def test_self_ensemble_flag(hat_checkpoint, lr_image, tmp_path):
     plain, ensembled = (read(tmp_path / n / 'smooth_x2.png')[..., ::-1].astype(int) for n in ('plain', 'ensemble'))
     assert np.abs(plain - ensembled).mean() > 1  # HAT is not flip/rotation-equivariant: the average differs
 
-    net = load_network(hat_checkpoint, param_key=None, device=torch.device('cpu'))
+    net = build_from_checkpoint(hat_checkpoint)
     x = torch.from_numpy(rgb8.transpose(2, 0, 1) / 255.0).float()[None]
     with torch.no_grad():
         expected = self_ensemble(net, x)[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255
@@ -377,7 +381,7 @@ def test_self_ensemble_option_in_the_test_pipeline(hat_checkpoint, lr_image, tmp
 
 @pytest.fixture(scope='module')
 def hat_net(hat_checkpoint):
-    return load_network(hat_checkpoint, param_key=None, device=torch.device('cpu'))
+    return build_from_checkpoint(hat_checkpoint)
 
 
 def test_tensor_peak_memory_counts_live_tensors():
@@ -399,10 +403,14 @@ def test_tensor_peak_memory_counts_live_tensors():
 def test_memory_model_predicts_a_larger_tile(hat_net):
     upscaler = Upscaler(hat_net, tile='auto', progress=False)
     model = upscaler.memory_model()  # measured on 32 and 48 pixel tiles
-    x = torch.rand(1, 3, 96, 96)
-    measured = measure_peak_memory(lambda: upscaler.forward(x), device=torch.device('cpu'),
-                                   known=[*hat_net.parameters(), *hat_net.buffers(), x])
-    assert abs(model.peak(96, 96) - measured) / measured < 0.2
+    for side in (64, 96):
+        x = torch.rand(1, 3, side, side)
+        measured = measure_peak_memory(lambda: upscaler.forward(x), device=torch.device('cpu'),  # noqa: B023
+                                       known=[*hat_net.parameters(), *hat_net.buffers(), x])
+        if side <= RECONSTRUCTION_BAND + 2 * RECONSTRUCTION_HALO:
+            assert abs(model.peak(side, side) - measured) / measured < 0.2
+        else:  # the upsampling head runs in bands there: the estimate becomes an upper bound
+            assert measured <= model.peak(side, side) < 2 * measured
 
 
 def test_auto_tile_keeps_the_whole_run_within_the_budget(hat_net):

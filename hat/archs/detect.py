@@ -1,10 +1,8 @@
-"""Safe checkpoint loading and architecture detection from a state dict.
+"""Architecture detection from a state dict, and building the detected network.
 
-Three steps, each usable on its own:
-
-    load_state_dict(path)        file -> flat ``{key: tensor}`` (weights-only unpickling; .safetensors too)
     detect_architecture(sd)      key names and tensor shapes -> ``DetectedArch`` (type, constructor kwargs, variant)
-    build_from_checkpoint(path)  both, then the network from basicsr's ``ARCH_REGISTRY``, loaded strictly, in eval
+    build_from_checkpoint(path)  read the file (:mod:`hat.io.checkpoints`), detect, build from basicsr's
+                                 ``ARCH_REGISTRY``, load strictly, eval mode
 
 Detection is declarative: every architecture lists the keys it requires, then reads each hyper-parameter from one
 key's name or shape (``embed_dim`` from ``conv_first.weight``, ``window_size`` from ``relative_position_index_SA``,
@@ -13,37 +11,25 @@ dict of ``device='meta'`` tensors works. What the weights cannot tell (``img_siz
 ...) is set to the released models' value and listed in ``DetectedArch.notes``. Finally the detected configuration is
 built on the meta device and its state-dict layout compared with the checkpoint, so a detection either reproduces
 every key and shape or fails with the reason.
-
-Trust rule: checkpoints are read with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain
-containers. A pickle that needs anything else (a custom class, a function) could run code while loading and is
-refused, unless the caller passes ``trust_remote_code=True`` for a file they trust.
 """
 from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
-import sys
-import warnings
 from dataclasses import dataclass, field
 from os import PathLike
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 from basicsr.utils.registry import ARCH_REGISTRY
-from torch import Tensor
 
 from hat.archs.window import overlapping_window_size
+from hat.io.checkpoints import (bare_network, layout_differences, load_state_dict, state_dict_layout,
+                                 unwrap_state_dict)
 
 logger = logging.getLogger('basicsr')
-
-# Containers of the weights inside a checkpoint, in the order BasicSR-style tools prefer them.
-DEFAULT_PARAM_KEYS = ('params_ema', 'params')
-# nn.DataParallel / DistributedDataParallel prefix every key of the wrapped module.
-DATA_PARALLEL_PREFIX = 'module.'
 
 # HAT's reconstruction head always works with 64 features (fixed in the architecture, not a keyword).
 HAT_NUM_FEAT = 64
@@ -72,9 +58,6 @@ HAT_DEFAULT_IMG_SIZE = 64
 SRVGG_PARAMETER_FREE_ACT = 'leakyrelu'
 
 VARIANT_CUSTOM = 'custom'
-
-# Modules whose names a weights-only checkpoint may legitimately contain (see _names_nothing).
-_WELL_KNOWN_MODULES = ('torch', 'collections', 'builtins')
 
 
 @dataclass
@@ -121,165 +104,6 @@ _SUMMARY_KEYS = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _looks_like_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-
-
-def _describe_container(obj: Any) -> str:
-    if isinstance(obj, Mapping):
-        entries = [f'{k!r} ({type(v).__name__})' for k, v in list(obj.items())[:12]]
-        more = f', ... ({len(obj)} in all)' if len(obj) > 12 else ''
-        return f'a dict with keys {", ".join(entries) or "(none)"}{more}'
-    return f'a {type(obj).__name__}'
-
-
-def unwrap_state_dict(obj: Any, param_key: str | None = None) -> dict[str, Tensor]:
-    """The flat state dict inside a loaded checkpoint.
-
-    Args:
-        obj: what ``torch.load`` returned: ``{'params_ema': sd}``, ``{'params': sd}``, a bare state dict, or a whole
-            ``nn.Module`` (legacy files saved with ``torch.save(model)``).
-        param_key: the entry to use; when None, ``params_ema``, then ``params``, then ``obj`` itself.
-    Returns:
-        ``{key: tensor}`` with a leading ``module.`` (DataParallel) removed from every key.
-    Raises:
-        ValueError: ``param_key`` is absent, or nothing in ``obj`` is a state dict; the message lists what is there.
-    """
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if param_key is not None:
-        if not isinstance(obj, Mapping) or param_key not in obj:
-            raise ValueError(f'param_key={param_key!r} is not in the checkpoint, which is {_describe_container(obj)}. '
-                             'Pick one of those keys (param_key=None tries params_ema, then params, then the '
-                             'whole dict).')
-        found = obj[param_key]
-    else:
-        found = next((obj[k] for k in DEFAULT_PARAM_KEYS if isinstance(obj, Mapping) and k in obj), obj)
-    if isinstance(found, nn.Module):
-        found = found.state_dict()
-    if not _looks_like_state_dict(found):
-        where = f'checkpoint[{param_key!r}]' if param_key is not None else 'the checkpoint'
-        raise ValueError(f'{where} is not a state dict (a dict of tensors); it is {_describe_container(found)}. '
-                         f'Pass param_key= naming the entry that holds the weights (tried: '
-                         f'{", ".join(DEFAULT_PARAM_KEYS)}, then the dict itself).')
-    return {(k[len(DATA_PARALLEL_PREFIX):] if k.startswith(DATA_PARALLEL_PREFIX) else k): v for k, v in found.items()}
-
-
-def _refused_global(message: str) -> str | None:
-    """The ``module.name`` that torch's weights-only unpickler refused, if that was the reason."""
-    match = re.search(r'Unsupported global: GLOBAL (\S+)', message)
-    return match.group(1) if match else None
-
-
-def _names_nothing(qualified_name: str) -> bool:
-    """True for a name in torch's or the standard containers' modules that does not exist: a damaged (cut) name.
-
-    A truncated legacy checkpoint ends inside ``torch._utils._rebuild_tensor_v2`` and reads as a request for
-    ``torch._utils._reb``. Other modules (``__main__``, a training script's package) say nothing about damage: a
-    missing class there is just code the file needs. Only modules already imported are consulted; importing one
-    named by an untrusted file would run code.
-    """
-    module_name, _, attribute = qualified_name.rpartition('.')
-    module = sys.modules.get(module_name)
-    return (module_name.split('.')[0] in _WELL_KNOWN_MODULES and module is not None
-            and not hasattr(module, attribute))
-
-
-def _refusal_detail(message: str) -> str:
-    """The useful part of torch's weights-only refusal: which global or opcode it met."""
-    name = _refused_global(message)
-    if name:
-        return f'it refers to {name}'
-    match = re.search(r'Unsupported operand \d+', message)
-    return match.group(0).lower() if match else message.strip().splitlines()[0]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f'{type(error).__name__}: {text.splitlines()[0] if text else "(no message)"}'
-
-
-def _load_safetensors(path: Path, map_location: Any) -> dict[str, Any]:
-    try:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError(f'{path} is a .safetensors file; reading it needs the safetensors package, which is not '
-                          'installed: pip install safetensors') from None
-    device = str(map_location) if isinstance(map_location, (str, torch.device)) else 'cpu'
-    try:
-        tensors = load_file(str(path), device=device)
-    except SafetensorError as error:
-        raise ValueError(f'{path} is not a readable .safetensors file (corrupt or truncated?): '
-                         f'{_first_line(error)}') from error
-    # A .safetensors file holds one flat dict. scripts/convert_checkpoint.py stores the entries of a released
-    # checkpoint as 'params_ema.<key>' / 'params.<key>'; nest them again so that param_key works as for a .pth. A
-    # plain state dict (no such prefix on some key) is returned as it is.
-    containers = {key.split('.', 1)[0] for key in tensors}
-    if tensors and containers <= set(DEFAULT_PARAM_KEYS) and all('.' in key for key in tensors):
-        return {name: {key[len(name) + 1:]: value for key, value in tensors.items() if key.startswith(f'{name}.')}
-                for name in DEFAULT_PARAM_KEYS if name in containers}
-    return tensors
-
-
-def load_state_dict(path: str | PathLike, param_key: str | None = None, *, map_location: Any = 'cpu',
-                    trust_remote_code: bool = False) -> dict[str, Tensor]:
-    """Read the weights of a checkpoint file without running code from it.
-
-    Args:
-        path: a ``.pth``/``.pt``/``.ckpt`` file written by ``torch.save``, or a ``.safetensors`` file (needs the
-            ``safetensors`` package, imported only then).
-        param_key: see :func:`unwrap_state_dict`.
-        map_location: as in ``torch.load``.
-        trust_remote_code: only for legacy files from a source you trust: unpickle with ``weights_only=False``, which
-            can import and run arbitrary code named in the file. Default False: such files are refused.
-    Returns:
-        flat ``{key: tensor}``.
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint (corrupt, truncated, another format), it was refused because loading
-            it could run code, or it holds no state dict.
-        ImportError: a .safetensors file and no ``safetensors`` package.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = 'is a directory, not a checkpoint file' if path.is_dir() else 'does not exist'
-        raise FileNotFoundError(f'checkpoint not found: {path} {what}')
-    if path.suffix.lower() == '.safetensors':
-        return unwrap_state_dict(_load_safetensors(path, map_location), param_key)
-
-    try:
-        with warnings.catch_warnings():
-            # Old pickle protocols trigger a harmless warning of the weights-only unpickler on every load.
-            warnings.filterwarnings('ignore', message='.*pickle protocol', category=UserWarning)
-            obj = torch.load(path, map_location=map_location, weights_only=not trust_remote_code)
-    except PermissionError:
-        raise  # the OS message is the clearest one (torch raises other OSErrors for damaged zip files)
-    except pickle.UnpicklingError as error:
-        refused = _refused_global(str(error))
-        if refused and _names_nothing(refused):
-            raise ValueError(f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): it names '
-                             f'{refused}, which does not exist') from None
-        if not trust_remote_code and 'Weights only load failed' in str(error):
-            raise ValueError(
-                f'refused to load {path}: it is not a plain tensor checkpoint ({_refusal_detail(str(error))}), and '
-                'loading it could run code stored in the file. Convert it to a state dict (or .safetensors) on a '
-                'machine where you trust it, or, only if you trust the file, pass trust_remote_code=True to load it '
-                'with weights_only=False. (A damaged file can be refused the same way.)') from None
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): '
-                         f'{_first_line(error)}') from error
-    except Exception as error:  # torch.load raises RuntimeError, EOFError, KeyError, ... for damaged files
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint (corrupt, truncated, or not written by '
-                         f'torch.save): {_first_line(error)}') from error
-    if trust_remote_code:
-        logger.warning(f'Loaded {path} with weights_only=False (trust_remote_code=True).')
-    try:
-        return unwrap_state_dict(obj, param_key)
-    except ValueError as error:
-        raise ValueError(f'{path}: {error}') from None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Detection
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +113,7 @@ class _Shapes:
     """Read-only view of a state dict by key names and shapes (values are never read: meta tensors work)."""
 
     def __init__(self, state_dict: Mapping[str, Any]) -> None:
-        self.shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+        self.shapes = state_dict_layout(state_dict)
 
     def has(self, key: str) -> bool:
         return key in self.shapes
@@ -499,19 +323,6 @@ def _registered_class(spec: ArchSpec) -> type:
     raise ValueError(f'no architecture named {" or ".join(spec.registry_names)} is registered: import hat first')
 
 
-def _layout_differences(expected: Mapping[str, tuple], found: Mapping[str, tuple], limit: int = 5) -> list[str]:
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f'{k}: checkpoint {list(found[k])}, network {list(expected[k])}' for k in expected
-              if k in found and tuple(found[k]) != tuple(expected[k])]
-    parts = []
-    for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-        if items:
-            more = f', ... and {len(items) - limit} more' if len(items) > limit else ''
-            parts.append(f'{len(items)} {label}: {", ".join(items[:limit])}{more}')
-    return parts
-
-
 def detect_architecture(state_dict: Mapping[str, Any]) -> DetectedArch:
     """Recognise HAT or SRVGGNetCompact and read its constructor keywords from key names and shapes.
 
@@ -546,8 +357,8 @@ def _check_layout(spec: ArchSpec, detected: DetectedArch, sd: _Shapes) -> None:
     except (ValueError, TypeError) as error:
         raise ValueError(f'looks like a {spec.type} checkpoint, but its detected configuration '
                          f'{detected.kwargs} cannot be built: {error}') from None
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    differences = _layout_differences(expected, sd.shapes)
+    expected = state_dict_layout(network.state_dict())
+    differences = layout_differences(expected, sd.shapes)
     if differences:
         raise ValueError(f'looks like {detected.summary()}, but that network does not have exactly the '
                          f'checkpoint\'s keys and shapes ({"; ".join(differences)}): it is a variant this '
@@ -619,15 +430,12 @@ def describe_mismatch(network: nn.Module, state_dict: Mapping[str, Any]) -> str:
         a message naming missing keys, unexpected keys and shape mismatches (first few, with counts), the detected
         architecture of the checkpoint and the options where it differs from the network.
     """
-    if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        network = network.module
+    network = bare_network(network)
     try:
         state_dict = unwrap_state_dict(state_dict)
     except ValueError as error:
         return f'The checkpoint holds no state dict: {error}'
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state_dict.items()}
-    differences = _layout_differences(expected, found)
+    differences = layout_differences(state_dict_layout(network.state_dict()), state_dict_layout(state_dict))
     name = type(network).__name__
     if differences:
         lines = [f'The checkpoint does not fit the {name} network:'] + [f'  {d}' for d in differences]

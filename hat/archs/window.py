@@ -40,7 +40,8 @@ def relative_position_index_sa(window_size: int) -> Tensor:
     """Index into the (2ws-1)^2 bias table for every query/key pair of a window.
 
     Returns:
-        [ws * ws, ws * ws] int64, entry (i, j) = (dy + ws - 1) * (2ws - 1) + (dx + ws - 1) with (dy, dx) = pos_i - pos_j.
+        [ws * ws, ws * ws] int64, entry (i, j) = (dy + ws - 1) * (2ws - 1) + (dx + ws - 1) with
+        (dy, dx) = pos_i - pos_j.
     """
     coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
     coords = coords.flatten(1)  # [2, N]

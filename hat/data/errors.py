@@ -9,30 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-# What the user can do about a file that does not decode; appended to every UnreadableImageError message.
-UNREADABLE_ADVICE = ('Replace it with a good copy (re-export or re-download it, or re-run the script that prepared '
-                     'the data set), or remove it from the data set (and from its meta_info file, if there is one).')
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot be read or decoded: missing, empty, truncated, or not an image at all.
-
-    Args:
-        message: the whole message (names the file and says what to do).
-        path: the file (or ``lmdb folder:key``) that failed. ``None`` when the error was re-raised from a DataLoader
-            worker process, which rebuilds the exception from its message only; the message still names the file.
-    Attributes:
-        path: as given.
-    """
-
-    def __init__(self, message: str, *, path: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.path = path
-
-    @classmethod
-    def for_file(cls, path: str, problem: str, *, role: str = 'image') -> 'UnreadableImageError':
-        """``cannot read <role> <path>: <problem>. <advice>``, e.g. ``role='GT image'``."""
-        return cls(f'cannot read {role} {path}: {problem}. {UNREADABLE_ADVICE}', path=path)
+from hat.io.images import UNREADABLE_ADVICE, UnreadableImageError  # noqa: F401  (the one image error)
 
 
 class ImagePairSizeError(ValueError):

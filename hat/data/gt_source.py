@@ -21,10 +21,11 @@ from typing import Any, Optional
 
 import numpy as np
 from basicsr.data.data_util import paths_from_lmdb
-from basicsr.utils import FileClient, imfrombytes
+from basicsr.utils import FileClient
 from torch.utils import data
 
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+from hat.io.images import IMAGE_EXTENSIONS, decode_as_basicsr
+
 SUPPORTED_BACKENDS = ('disk', 'lmdb')
 # How many missing entries an error message names before it only counts the rest.
 _MAX_NAMED = 5
@@ -39,7 +40,7 @@ def list_images(folder: str) -> list[str]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith('.')]
         for name in files:
-            if not name.startswith('.') and name.lower().endswith(IMG_EXTENSIONS):
+            if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(osp.relpath(osp.join(root, name), folder).replace(os.sep, '/'))
     return sorted(found)
 
@@ -111,7 +112,7 @@ class GTImageSource:
         else:
             self.paths = self._disk_paths(meta_info_file)
         if not self.paths:
-            raise ValueError(f'{dataset}: no image found in {self.root} (extensions {", ".join(IMG_EXTENSIONS)})')
+            raise ValueError(f'{dataset}: no image found in {self.root} (extensions {", ".join(IMAGE_EXTENSIONS)})')
 
     def _disk_paths(self, meta_info_file: Optional[str]) -> list[str]:
         if meta_info_file is None:
@@ -174,12 +175,10 @@ class GTImageSource:
         if content is None:
             raise KeyError(f'{self.dataset}: key {path!r} is listed in {osp.join(self.root, "meta_info.txt")} but not '
                            f'stored in lmdb {self.root}; rebuild it with scripts/create_lmdb.py')
-        # Decoded as uint8 first: imfrombytes(float32=True) would fail on an undecodable file with an AttributeError.
-        img = imfrombytes(content, flag='color')
-        if img is None:
-            where = f'key {path!r} of lmdb {self.root}' if self.backend == 'lmdb' else path
-            raise ValueError(f'{self.dataset}: cannot decode GT image {where} (corrupt or not an image file)')
-        return img.astype(np.float32) / 255.0, path
+        where = f'{self.dataset}: key {path!r} of lmdb {self.root}' if self.backend == 'lmdb' else \
+            f'{self.dataset}: {path}'
+        img, _ = decode_as_basicsr(content, where, role='GT image')
+        return img, path
 
 
 class GTOnlyDataset(data.Dataset):

@@ -36,8 +36,8 @@ from torch import Tensor
 from torchvision.transforms.functional import normalize
 
 from hat.data.errors import ImagePairSizeError
-from hat.data.gt_source import IMG_EXTENSIONS
 from hat.data.image_reading import ConversionLog, read_image
+from hat.io.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger('basicsr')
 
@@ -121,7 +121,7 @@ def read_meta_info_names(meta_info_file: str, *, dataset: str) -> list[tuple[int
 
 def warn_non_images(folder: str, names: list[str], *, dataset: str) -> None:
     """basicsr takes every (non-hidden) file of a folder; say which ones do not look like images."""
-    odd = sorted(n for n in names if not n.lower().endswith(IMG_EXTENSIONS))
+    odd = sorted(n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS))
     if odd:
         logger.warning(f'{dataset}: {folder} holds files without an image extension ({name_some(odd)}); every file '
                        'of the folder is part of the data set, and reading these will fail unless they are images. '

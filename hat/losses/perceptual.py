@@ -10,8 +10,10 @@ criteria and style term) from a file it finds up front:
 * otherwise torchvision's file name for the VGG type (``vgg19-dcbb9e9d.pth`` for ``vgg19``) in
   ``experiments/pretrained_models/`` under the project root, then under the working directory (where basicsr looks).
 
-A missing or unsuitable file raises at construction, with a message that names the file, where it was looked for,
-where to put it and where to get it. There is no fallback to random weights and no download.
+The network is torchvision's own, ``torchvision.models.vgg19(weights=None).features`` (or the VGG type asked for),
+with basicsr's layer names (``conv1_1``, ``relu1_1``, ...); torchvision's weight files load as they are. A missing or
+unsuitable file raises at construction, with a message that names the file, where it was looked for, where to put it
+and where to get it. There is no fallback to random weights and no download.
 
 The Real-HAT models build ``type: PerceptualLoss`` of the official option files with this class
 (:func:`build_perceptual_loss`), so those files work unchanged; other models can name it directly as
@@ -27,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+import torchvision
 from basicsr.losses import build_loss
 from basicsr.utils.registry import LOSS_REGISTRY
 from torch import Tensor
@@ -35,13 +38,6 @@ from hat.archs.detect import load_state_dict
 
 logger = logging.getLogger('basicsr')
 
-# The ``features`` part of torchvision's VGGs: output channels of each 3x3 conv, 'M' for a 2x2 max pooling.
-VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
-    'vgg11': (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'),
-    'vgg13': (64, 64, 'M', 128, 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'),
-    'vgg16': (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M'),
-    'vgg19': (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512, 'M'),
-}
 # torchvision's ImageNet weights (IMAGENET1K_V1) of each VGG type, as torchvision names the files.
 VGG_WEIGHT_FILES = {
     'vgg11': 'vgg11-8a719046.pth', 'vgg13': 'vgg13-19584684.pth', 'vgg16': 'vgg16-397923af.pth',
@@ -58,46 +54,42 @@ PERCEPTUAL_LOSS_TYPES = ('PerceptualLoss', 'LocalVGGPerceptualLoss')
 _PROJECT_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
-def vgg_layer_names(vgg_type: str) -> list[str]:
-    """BasicSR's names of the ``features`` layers of a VGG, in order: ``conv1_1, relu1_1, conv1_2, ..., pool5``
-    (with ``bn<b>_<i>`` after each conv for the ``_bn`` types)."""
-    base, batch_norm = _split_type(vgg_type)
-    names = []
-    block, conv = 1, 1
-    for value in VGG_CONFIGS[base]:
-        if value == 'M':
-            names.append(f'pool{block}')
-            block, conv = block + 1, 1
-        else:
-            names.append(f'conv{block}_{conv}')
-            if batch_norm:
-                names.append(f'bn{block}_{conv}')
-            names.append(f'relu{block}_{conv}')
-            conv += 1
-    return names
-
-
-def _split_type(vgg_type: str) -> tuple[str, bool]:
+def _check_type(vgg_type: str) -> None:
     if vgg_type not in VGG_WEIGHT_FILES:
         raise ValueError(f'vgg_type {vgg_type!r} is not supported; use one of {sorted(VGG_WEIGHT_FILES)}.')
-    return vgg_type.removesuffix('_bn'), vgg_type.endswith('_bn')
 
 
 def _vgg_features(vgg_type: str) -> nn.Sequential:
-    """torchvision's ``vgg.features`` layout (same indices, so its state-dict keys ``features.<i>.*`` load)."""
-    base, batch_norm = _split_type(vgg_type)
-    layers: list[nn.Module] = []
-    in_ch = 3
-    for value in VGG_CONFIGS[base]:
-        if value == 'M':
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            continue
-        layers.append(nn.Conv2d(in_ch, int(value), kernel_size=3, padding=1))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(int(value)))
-        layers.append(nn.ReLU(inplace=False))  # not in place: the pre-activation features are kept for the loss
-        in_ch = int(value)
-    return nn.Sequential(*layers)
+    """``torchvision.models.<vgg_type>(weights=None).features`` on the meta device, ready for ``load_state_dict(...,
+    assign=True)``: its layer indices give the keys ``features.<i>.*`` of torchvision's weight files, and nothing is
+    allocated or initialised for the classifier (100M parameters the loss never uses) or for weights about to be
+    replaced."""
+    _check_type(vgg_type)
+    with torch.device('meta'):
+        features = getattr(torchvision.models, vgg_type)(weights=None).features
+    for layer in features:
+        if isinstance(layer, nn.ReLU):
+            layer.inplace = False  # the pre-activation features (conv*, bn*) are kept for the loss
+    return features
+
+
+def vgg_layer_names(vgg_type: str) -> list[str]:
+    """BasicSR's names of the ``features`` layers of a VGG, in order: ``conv1_1, relu1_1, conv1_2, ..., pool5``
+    (with ``bn<b>_<i>`` after each conv for the ``_bn`` types)."""
+    names = []
+    block, conv = 1, 1
+    for layer in _vgg_features(vgg_type):
+        if isinstance(layer, nn.MaxPool2d):
+            names.append(f'pool{block}')
+            block, conv = block + 1, 1
+        elif isinstance(layer, nn.Conv2d):
+            names.append(f'conv{block}_{conv}')
+        elif isinstance(layer, nn.BatchNorm2d):
+            names.append(f'bn{block}_{conv}')
+        else:
+            names.append(f'relu{block}_{conv}')
+            conv += 1
+    return names
 
 
 def _unique(paths: list[str]) -> list[str]:
@@ -122,7 +114,7 @@ def find_vgg_weights(vgg_type: str = 'vgg19', vgg_weights: str | os.PathLike | N
     Raises:
         FileNotFoundError: no file; the message says where it was looked for, where to put it and where to get it.
     """
-    _split_type(vgg_type)
+    _check_type(vgg_type)
     file_name = VGG_WEIGHT_FILES[vgg_type]
     root = osp.abspath(root_path) if root_path is not None else _PROJECT_ROOT
     if vgg_weights:
@@ -169,7 +161,8 @@ def load_vgg_features(vgg_type: str, weights_file: str) -> nn.Sequential:
         raise ValueError(f'{weights_file} does not hold the weights of torchvision\'s {vgg_type} ({detail}). Use '
                          f'{VGG_WEIGHT_FILES[vgg_type]} from {WEIGHTS_URL}{VGG_WEIGHT_FILES[vgg_type]}, or set '
                          'vgg_type to the network the file belongs to.')
-    features.load_state_dict(found, strict=True)
+    # assign: the meta tensors are replaced by the file's, in the dtype the network has (a half-precision file too)
+    features.load_state_dict({k: v.to(expected[k].dtype) for k, v in found.items()}, strict=True, assign=True)
     return features
 
 
@@ -255,7 +248,7 @@ class LocalVGGPerceptualLoss(nn.Module):
         if criterion not in SUPPORTED_CRITERIA:
             raise ValueError(f'perceptual loss criterion {criterion!r} is not supported; use one of '
                              f'{SUPPORTED_CRITERIA}.')
-        _split_type(vgg_type)
+        _check_type(vgg_type)
         self.layer_weights = {str(k): float(v) for k, v in layer_weights.items()}
         self.perceptual_weight = float(perceptual_weight)
         self.style_weight = float(style_weight)

@@ -27,41 +27,36 @@ from torch import Tensor
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
-from hat.archs.detect import describe_mismatch, load_state_dict
-from hat.archs.window import pad_to_multiple
 from hat.data.errors import UnreadableImageError
+from hat.inference.descriptor import ModelDescriptor
+from hat.inference.precision import resolve_precision
+from hat.inference.upscaler import Upscaler
+from hat.io.checkpoints import load_into_network
 from hat.utils.atomic import atomic_torch_save
-from hat.utils.ensemble import self_ensemble
 from hat.utils.resume import capture_rng_state
-from hat.utils.tiling import tiled_forward
 
 logger = logging.getLogger('basicsr')
 
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
 def amp_dtype(value, where: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype an ``amp`` option asks for, or None for full precision.
+    """The autocast dtype an ``amp`` option asks for on ``device``, or None for full precision.
 
-    bf16 is the one to use for HAT: it has fp32's range, needs no gradient scaler and runs on the CPU and on CUDA.
-    fp16 is accepted on CUDA only (with a gradient scaler in training); HAT's attention logits are known to overflow
-    fp16 (users of the official code and its descendants report NaN losses), so it is not recommended.
+    ``auto`` is bf16 where the hardware computes it natively (a recent GPU, a CPU with AVX512-BF16/AMX), else fp32;
+    an explicit ``bf16`` where it would be emulated runs fp32 with one warning (see
+    :mod:`hat.inference.precision`). fp16 is accepted on CUDA only (with a gradient scaler in training); HAT's
+    attention logits are known to overflow fp16 (users of the official code and its descendants report NaN losses).
 
     Args:
-        value: the option's value: ``bf16``, ``fp16``, or ``false``/``fp32``/absent for full precision.
-        where: the option's section, for error messages (``train`` or ``val``).
+        value: the option's value: ``auto``, ``bf16``, ``fp16``, or ``false``/``fp32``/absent for full precision.
+        where: the option's section, for messages (``train`` or ``val``).
     Raises:
         ValueError: an unknown value, or fp16 without CUDA.
     """
     if value in (None, False, 'false', 'fp32', 'none'):
         return None
-    if value not in AMP_DTYPES:
-        raise ValueError(f'{where}: amp: {value!r} is not supported; use bf16 (recommended), fp16 (CUDA only) or '
-                         'false.')
-    if value == 'fp16' and device.type != 'cuda':
-        raise ValueError(f'{where}: amp: fp16 needs CUDA (fp16 autocast and its gradient scaler); this run is on '
-                         f'{device.type}. Use {where}: amp: bf16 instead.')
-    return AMP_DTYPES[value]
+    if value not in ('auto', 'bf16', 'fp16'):
+        raise ValueError(f'{where}: amp: {value!r} is not supported; use auto, bf16 (recommended), fp16 (CUDA only) '
+                         'or false.')
+    return resolve_precision(value, device, where=f'{where}: amp').dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -88,28 +83,9 @@ class HATModel(SRModel):
     # ----- loading and saving -----
     def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True,
                      param_key: str | None = 'params') -> None:
-        net = self.get_bare_model(net)
-        # basicsr's convention: a file saved without EMA has only 'params', and asking for 'params_ema' falls back
-        # to it; unwrapping without a key prefers params_ema, then params.
-        state_dict = load_state_dict(load_path, None if param_key == 'params_ema' else param_key)
-        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
-        if strict:
-            own = net.state_dict()
-            fits = set(own) == set(state_dict) and all(own[k].shape == v.shape for k, v in state_dict.items())
-            if not fits:
-                raise ValueError(f'{load_path} does not fit the network of the option file '
-                                 f'(strict_load is on).\n{describe_mismatch(net, state_dict)}')
-            net.load_state_dict(state_dict, strict=True)
-        else:
-            own = net.state_dict()
-            kept = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-            skipped = sorted(set(state_dict) - set(kept))
-            missing = sorted(set(own) - set(kept))
-            if skipped or missing:
-                logger.warning(f'Non-strict loading of {load_path}: {len(skipped)} checkpoint entries ignored '
-                               f'(first: {skipped[:5]}), {len(missing)} network entries left as initialised '
-                               f'(first: {missing[:5]}).')
-            net.load_state_dict(kept, strict=False)
+        logger.info(f'Loading {type(self.get_bare_model(net)).__name__} model from {load_path}, with param key: '
+                    f'[{param_key}].')
+        load_into_network(net, load_path, param_key=param_key, strict=strict)
 
     def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
         if self.opt['rank'] != 0:
@@ -215,32 +191,24 @@ class HATModel(SRModel):
     def _network_for_inference(self) -> torch.nn.Module:
         return self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
 
-    def _window_multiple(self) -> int:
-        return int(self.opt['network_g'].get('window_size', 1))
+    def upscaler(self) -> Upscaler:
+        """The Upscaler of test/validation: the network in use (EMA if any), padding to the window, the
+        ``tile: {tile_size, tile_pad}`` and ``val: {amp, self_ensemble}`` options."""
+        net = self._network_for_inference()
+        tile_opt = self.opt.get('tile') or {}
+        val_opt = self.opt.get('val') or {}
+        model = ModelDescriptor.from_network(net, scale=self.opt['scale'],
+                                             size_multiple=int(self.opt['network_g'].get('window_size', 1)))
+        amp = val_opt.get('amp', False)
+        return Upscaler(model, device=self.device, precision='fp32' if amp in (None, False, 'false', 'none') else amp,
+                        tile=int(tile_opt['tile_size']) if tile_opt else None,
+                        tile_pad=int(tile_opt.get('tile_pad', 0)), self_ensemble=val_opt.get('self_ensemble', False),
+                        progress=tile_opt.get('progress', True), precision_option='val: amp')
 
     def super_resolve(self, lq: Tensor) -> Tensor:
-        """[B, C, H, W] -> [B, C, H * scale, W * scale] (float32) with padding, tiling, self-ensemble and
-        precision (``val: amp``) per the options."""
-        net = self._network_for_inference()
-        scale = self.opt['scale']
-        multiple = self._window_multiple()
-        tile_opt = self.opt.get('tile')
-
-        def run(x: Tensor) -> Tensor:
-            h, w = x.shape[-2:]
-            if tile_opt:
-                out = tiled_forward(net, x, scale=scale, tile_size=int(tile_opt['tile_size']),
-                                    tile_pad=int(tile_opt.get('tile_pad', 0)), multiple=multiple,
-                                    progress=tile_opt.get('progress', True))
-            else:
-                padded, _, _ = pad_to_multiple(x, multiple)
-                out = net(padded)
-            return out[..., :h * scale, :w * scale]
-
-        val_opt = self.opt.get('val') or {}
-        with autocast(self.device, amp_dtype(val_opt.get('amp', False), 'val', self.device)):
-            out = self_ensemble(run, lq) if val_opt.get('self_ensemble', False) else run(lq)
-        return out.float()
+        """[B, C, H, W] -> [B, C, H * scale, W * scale] (float32, on the host) with padding, tiling, self-ensemble
+        and precision (``val: amp``) per the options."""
+        return self.upscaler().upscale_tensor(lq)
 
     def test(self) -> None:
         net = self._network_for_inference()

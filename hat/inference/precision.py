@@ -1,0 +1,198 @@
+"""Precision that fits the hardware: which autocast dtype a run uses, and why.
+
+HAT runs in fp32 or under bf16 autocast; fp16 overflows in its attention logits, so it is never chosen by itself.
+bf16 only pays where the hardware computes it natively:
+
+* CUDA: bf16 where the GPU supports it (``torch.cuda.is_bf16_supported()``: Ampere and later), else fp32.
+* CPU: bf16 only where it is native: AVX512-BF16 or AMX on x86 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire
+  Rapids and later), BF16 on Arm. Everywhere else (AVX2-only x86: Zen 2/3, Intel before Sapphire Rapids) torch
+  emulates bf16: a bf16 matmul runs below 1 GFLOP/s and HAT under bf16 autocast is ~25x slower than in fp32.
+
+``auto`` picks bf16 where it is native and fp32 elsewhere. An explicit ``bf16`` on hardware that would emulate it is
+run in fp32 with one warning that says why, so that option files and command lines stay portable between machines;
+``HAT_FORCE_BF16=1`` in the environment runs it in bf16 anyway (to reproduce a bf16 result on such a machine).
+``fp16`` is honoured on CUDA only.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+logger = logging.getLogger('basicsr')
+
+PRECISION_CHOICES = ('auto', 'fp32', 'bf16', 'fp16')
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# Set to 1 to run an explicit bf16 request even where the CPU emulates bf16.
+FORCE_BF16_ENV = 'HAT_FORCE_BF16'
+# x86 /proc/cpuinfo flags that mean native bf16 arithmetic.
+X86_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+_warned: set[str] = set()
+
+
+class Precision(NamedTuple):
+    """The precision a run uses.
+
+    Attributes:
+        name: ``'fp32'``, ``'bf16'`` or ``'fp16'``.
+        dtype: the autocast dtype, None for fp32.
+        reason: why this precision, for the log (``'auto: native bf16 (avx512_bf16)'``).
+    """
+
+    name: str
+    dtype: torch.dtype | None
+    reason: str
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo ``flags`` on x86, ``Features`` on Arm; empty where unknown)."""
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(':')
+        if key.strip() in ('flags', 'Features'):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``AMD EPYC 9B14``), or the architecture when the system does not say."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            key, _, value = line.partition(':')
+            if key.strip() == 'model name' and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'unknown CPU'
+
+
+def _macos_arm_bf16() -> bool:
+    try:
+        out = subprocess.run(['sysctl', '-n', 'hw.optional.arm.FEAT_BF16'], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.stdout.strip() == '1'
+
+
+def detect_native_bf16(machine: str, flags: frozenset[str], *, system: str = '') -> str | None:
+    """The CPU feature that computes bf16 natively, from the architecture and the feature flags, or None.
+
+    Args:
+        machine: ``platform.machine()`` (``'x86_64'``, ``'aarch64'``, ``'arm64'``).
+        flags: the CPU's feature flags (:func:`cpu_flags`).
+        system: ``platform.system()``; on macOS (no /proc/cpuinfo) Arm chips are asked through sysctl.
+    """
+    machine = machine.lower()
+    if machine in ('x86_64', 'amd64', 'i386', 'i686'):
+        found = next((f for f in X86_BF16_FLAGS if f in flags), None)
+        if found is None and not flags:  # no /proc/cpuinfo (not Linux): ask torch, where it can tell
+            probe = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
+            found = 'avx512_bf16' if probe is not None and probe() else None
+        return found
+    if machine in ('aarch64', 'arm64'):
+        if 'bf16' in flags:
+            return 'bf16'
+        return 'bf16' if system == 'Darwin' and _macos_arm_bf16() else None
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def native_cpu_bf16() -> str | None:
+    """The feature of this machine's CPU that computes bf16 natively (``'avx512_bf16'``, ``'amx_bf16'``,
+    ``'bf16'``), or None where torch would emulate bf16."""
+    return detect_native_bf16(platform.machine(), cpu_flags(), system=platform.system())
+
+
+def default_device() -> str:
+    """``'cuda'`` where a CUDA device is available, else ``'cpu'``."""
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def cpu_description() -> str:
+    """One line naming the CPU for benchmark tables and logs:
+    ``AMD EPYC 7B13, 2 threads, torch capability AVX2, native bf16: no``."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    native = native_cpu_bf16()
+    return (f'{cpu_model()}, {torch.get_num_threads()} threads, torch capability {capability}, '
+            f'native bf16: {"yes (" + native + ")" if native else "no (emulated)"}')
+
+
+def device_description(device: torch.device | str) -> str:
+    """The CPU line of :func:`cpu_description`, or the GPU's name and memory."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return (f'{props.name} ({props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.'
+                f'{props.minor}, bf16: {"yes" if torch.cuda.is_bf16_supported() else "no"})')
+    if device.type == 'cpu':
+        return cpu_description()
+    return str(device)
+
+
+def _native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether bf16 is native on ``device``, the reason in words)."""
+    if device.type == 'cuda':
+        if torch.cuda.is_bf16_supported():
+            return True, 'the GPU supports bf16'
+        return False, 'this GPU has no bf16 support'
+    if device.type == 'cpu':
+        feature = native_cpu_bf16()
+        if feature:
+            return True, f'native bf16 on this CPU ({feature})'
+        return False, ('this CPU has no native bf16 (no AVX512-BF16/AMX on x86, no BF16 on Arm): torch emulates it, '
+                       'about 25x slower than fp32 for HAT')
+    return False, f'bf16 is not known to be fast on {device.type}'
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def resolve_precision(requested: str | None, device: torch.device | str, *, where: str = 'precision') -> Precision:
+    """The precision a run on ``device`` uses for a requested one.
+
+    Args:
+        requested: ``'auto'``, ``'fp32'``, ``'bf16'``, ``'fp16'``; None means fp32.
+        device: where the network runs.
+        where: the option's name for messages (``'--precision'``, ``'val: amp'``).
+    Raises:
+        ValueError: an unknown value, or fp16 without CUDA.
+    """
+    device = torch.device(device)
+    if requested in (None, 'fp32'):
+        return Precision('fp32', None, 'fp32 requested')
+    if requested not in PRECISION_CHOICES:
+        raise ValueError(f'{where}: {requested!r} is not supported; use one of {", ".join(PRECISION_CHOICES)}')
+    if requested == 'fp16':
+        if device.type != 'cuda':
+            sep = ' ' if where.startswith('--') else ': '  # '--precision bf16', 'train: amp: bf16'
+            raise ValueError(f'{where}: fp16 needs CUDA (this run uses {device.type}); use {where}{sep}bf16, auto '
+                             'or fp32 instead')
+        return Precision('fp16', torch.float16, 'fp16 requested (HAT\'s attention may overflow in fp16)')
+    native, why = _native_bf16(device)
+    if requested == 'auto':
+        return Precision('bf16', torch.bfloat16, f'auto: {why}') if native else \
+            Precision('fp32', None, f'auto: {why}')
+    if native:
+        return Precision('bf16', torch.bfloat16, f'bf16 requested; {why}')
+    if os.environ.get(FORCE_BF16_ENV) == '1':
+        return Precision('bf16', torch.bfloat16, f'bf16 forced by {FORCE_BF16_ENV}=1 although {why}')
+    _warn_once(f'{where}: bf16 requested, but {why}. Running in fp32 instead (same results within bf16 rounding, '
+               f'far faster here); set {FORCE_BF16_ENV}=1 to run bf16 anyway.')
+    return Precision('fp32', None, f'bf16 requested, fp32 used: {why}')
