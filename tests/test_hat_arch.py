@@ -7,35 +7,32 @@ import math
 import pytest
 import torch
 
-from conftest import GOLDEN, golden_config, golden_state_dict
+from conftest import GOLDEN, GOLDEN_CASES, golden_config, golden_io, golden_net, golden_state_dict, tiny_hat_config
 from hat.archs.hat_arch import HAT
 
-GOLDEN_CASES = ['hat_tiny_x2', 'hat_tiny_x3_batch2', 'hat_tiny_x4_window16', 'hat_tiny_x2_gray',
-                'hat_tiny_x2_overlap025']
 RELEASED = [f'{variant}_SRx{scale}' for variant in ('HAT-S', 'HAT', 'HAT-L') for scale in (2, 3, 4)]
 TOLERANCE = 1e-5
-
-
-def load_golden_net(case: str, **extra) -> HAT:
-    net = HAT(**golden_config(case), **extra)
-    net.load_state_dict(golden_state_dict(case), strict=True)
-    return net.eval()
 
 
 @pytest.mark.parametrize('fused', [True, False], ids=['fused', 'reference'])
 @pytest.mark.parametrize('case', GOLDEN_CASES)
 def test_golden_output(case, fused):
-    net = load_golden_net(case, fused_attn=fused)
-    io = torch.load(GOLDEN / f'{case}_io.pt', weights_only=True)
+    net = golden_net(case, fused_attn=fused)
+    io = golden_io(case)
     with torch.no_grad():
         out = net(io['input'])
     assert out.shape == io['output'].shape
     assert (out - io['output']).abs().max().item() <= TOLERANCE
 
 
+def test_every_golden_case_is_tested():
+    on_disk = sorted(path.name.removesuffix('_io.pt') for path in GOLDEN.glob('*_io.pt'))
+    assert on_disk == sorted([*GOLDEN_CASES, 'hat_tiny_x2_padded'])
+
+
 def test_golden_padded_input_is_padded_and_cropped():
-    io = torch.load(GOLDEN / 'hat_tiny_x2_padded_io.pt', weights_only=True)
-    net = load_golden_net(io['checkpoint'].removesuffix('.pth'))
+    io = golden_io('hat_tiny_x2_padded')
+    net = golden_net(io['checkpoint'].removesuffix('.pth'))
     with torch.no_grad():
         out = net(io['input'])
     assert out.shape == (1, 3, 42, 70)
@@ -44,10 +41,10 @@ def test_golden_padded_input_is_padded_and_cropped():
 
 def test_golden_catches_a_wrong_weight():
     """The golden check is sensitive: a 10% change of one bias table moves the output far beyond the tolerance."""
-    net = load_golden_net('hat_tiny_x2')
+    net = golden_net('hat_tiny_x2')
     with torch.no_grad():
         net.layers[0].residual_group.overlap_attn.relative_position_bias_table.mul_(1.1)
-    io = torch.load(GOLDEN / 'hat_tiny_x2_io.pt', weights_only=True)
+    io = golden_io('hat_tiny_x2')
     with torch.no_grad():
         assert (net(io['input']) - io['output']).abs().max().item() > 1e-3
 
@@ -85,7 +82,7 @@ def test_parameter_counts_of_x4_models():
 def test_fused_and_reference_agree_on_a_large_shifted_grid():
     """Several window rows and columns exercise every group of the shifted-window mask."""
     torch.manual_seed(0)
-    net = load_golden_net('hat_tiny_x2')
+    net = golden_net('hat_tiny_x2')
     x = torch.rand(2, 3, 40, 56)
     with torch.no_grad():
         fused = net(x)
@@ -100,7 +97,7 @@ def test_fused_and_reference_gradients_agree():
     grads = []
     for fused in (True, False):
         torch.manual_seed(1)  # same stochastic-depth draws in both runs
-        net = load_golden_net('hat_tiny_x2', fused_attn=fused).train()
+        net = golden_net('hat_tiny_x2', fused_attn=fused).train()
         net(x).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
     for name in grads[0]:
@@ -108,7 +105,7 @@ def test_fused_and_reference_gradients_agree():
 
 
 def test_save_load_round_trip_in_released_format(tmp_path):
-    net = load_golden_net('hat_tiny_x3_batch2')
+    net = golden_net('hat_tiny_x3_batch2')
     path = tmp_path / 'net_g.pth'
     torch.save({'params_ema': net.state_dict()}, path)
     loaded = torch.load(path, weights_only=True)
@@ -126,7 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for use_checkpoint in (False, True):
         torch.manual_seed(1)  # same stochastic-depth draws; checkpointing replays them in the recomputation
-        net = load_golden_net('hat_tiny_x2', use_checkpoint=use_checkpoint).train()
+        net = golden_net('hat_tiny_x2', use_checkpoint=use_checkpoint).train()
         net(x).abs().mean().backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
     for name in grads[0]:
@@ -141,7 +138,7 @@ def test_gradient_checkpointing_really_recomputes():
         calls['n'] += 1
 
     for use_checkpoint, expected_factor in ((False, 1), (True, 2)):
-        net = load_golden_net('hat_tiny_x2', use_checkpoint=use_checkpoint).train()
+        net = golden_net('hat_tiny_x2', use_checkpoint=use_checkpoint).train()
         calls['n'] = 0
         handle = net.layers[0].residual_group.blocks[0].register_forward_pre_hook(count)
         net(torch.rand(1, 3, 16, 16)).mean().backward()
@@ -150,7 +147,7 @@ def test_gradient_checkpointing_really_recomputes():
 
 
 def test_bf16_autocast_is_finite_and_close():
-    net = load_golden_net('hat_tiny_x2')
+    net = golden_net('hat_tiny_x2')
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 48), indexing='ij')
     smooth = torch.stack([0.5 + 0.3 * torch.sin(3 * xx + c) * torch.cos(2 * yy) for c in range(3)])[None]
     with torch.no_grad():
@@ -165,7 +162,7 @@ def test_bf16_autocast_is_finite_and_close():
 
 
 def test_any_input_size_including_smaller_than_a_window():
-    net = load_golden_net('hat_tiny_x2')
+    net = golden_net('hat_tiny_x2')
     with torch.no_grad():
         assert net(torch.rand(1, 3, 5, 11)).shape == (1, 3, 10, 22)
         assert net(torch.rand(1, 3, 17, 9)).shape == (1, 3, 34, 18)
@@ -173,11 +170,12 @@ def test_any_input_size_including_smaller_than_a_window():
 
 def test_bias_cache_follows_weight_updates():
     """The cached gathered bias must not outlive a change of the table (load_state_dict, optimiser step)."""
-    net = load_golden_net('hat_tiny_x2')
+    net = golden_net('hat_tiny_x2')
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         before = net(x)
-        net.layers[0].residual_group.blocks[0].attn.relative_position_bias_table.mul_(1.5)  # not a constant: softmax ignores those
+        # a factor, not an added constant: softmax ignores constants
+        net.layers[0].residual_group.blocks[0].attn.relative_position_bias_table.mul_(1.5)
         after = net(x)
         net.load_state_dict(golden_state_dict('hat_tiny_x2'))
         restored = net(x)
@@ -204,3 +202,23 @@ def test_unsupported_options_raise(kwargs, message):
 def test_unknown_keyword_is_an_error():
     with pytest.raises(TypeError, match='window_szie'):
         HAT(**golden_config('hat_tiny_x2'), window_szie=8)
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+def test_banded_reconstruction_equals_one_piece(scale, monkeypatch):
+    """Inference runs the upsampling head in bands with a halo; every output pixel sees the same neighbourhood."""
+    from hat.archs import hat_arch
+    torch.manual_seed(0)
+    net = HAT(**tiny_hat_config(upscale=scale)).eval()
+    x = torch.rand(1, 3, 2 * hat_arch.RECONSTRUCTION_BAND + 11, 12)
+    calls = []
+    original = hat_arch.Upsample.forward
+    monkeypatch.setattr(hat_arch.Upsample, 'forward', lambda self, t: calls.append(t.shape[-2]) or original(self, t))
+    with torch.no_grad():
+        banded = net(x)
+        assert len(calls) == 3  # three bands of at most RECONSTRUCTION_BAND + 2 * halo rows
+        assert max(calls) <= hat_arch.RECONSTRUCTION_BAND + 2 * hat_arch.RECONSTRUCTION_HALO
+        monkeypatch.setattr(hat_arch, 'RECONSTRUCTION_BAND', 10**6)
+        whole = net(x)
+    assert banded.shape == whole.shape == (1, 3, x.shape[-2] * scale, 12 * scale)
+    assert (banded - whole).abs().max() < 1e-5

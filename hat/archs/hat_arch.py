@@ -36,6 +36,9 @@ from hat.archs.window import (compiling, overlapping_window_index, overlapping_w
 SUPPORTED_UPSAMPLERS = ('pixelshuffle', )
 SUPPORTED_RESI_CONNECTIONS = ('1conv', 'identity')
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+# Inference runs the upsampling head in bands of this many LR rows (see HAT.reconstruct), with this much context.
+RECONSTRUCTION_BAND = 64
+RECONSTRUCTION_HALO = 3
 
 
 class DropPath(nn.Module):
@@ -300,6 +303,9 @@ class HAB(nn.Module):
         attn_x = windows.index_select(0, order.scatter).view(b, h * w, c)
 
         x = shortcut + self.drop_path(attn_x) + conv_x * self.conv_scale
+        # Locals live until the return: free the branch outputs before the MLP, whose hidden map is the widest
+        # tensor of the block (lower inference peak; autograd keeps what backward needs anyway).
+        del shortcut, conv_x, windows, attn_x
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -348,12 +354,15 @@ class OCAB(RelativePositionBias):
         # Keys/values: the enlarged windows of the zero-padded map (as nn.Unfold pads), in one gather.
         pad = (ows - ws) // 2
         kv = F.pad(qkv[..., c:].reshape(b, h, w, 2 * c), (0, 0, pad, pad, pad, pad))
+        del qkv  # not needed any more; the gather below is the largest allocation of the block
         kv = kv.reshape(-1, 2 * c).index_select(0, overlapping_window_index(b, h, w, ws, ows, x.device))
         k, v = kv.view(-1, ows * ows, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [W, heads, ows*ows, d]
 
         bias = self.gathered_bias(rpi_oca, ws * ws, ows * ows)
         out = attention(q, k, v, bias, scale=self.scale, fused=self.fused_attn)
         x = out.transpose(1, 2).reshape(-1, c).index_select(0, order.scatter).view(b, h * w, c)
+        # The enlarged key/value windows (2.25x the map, twice) would otherwise stay alive through the MLP below.
+        del q, kv, k, v, out
 
         x = self.proj(x) + shortcut
         return x + self.mlp(self.norm2(x))
@@ -594,6 +603,33 @@ class HAT(nn.Module):
         x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *x_size)
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The upsampling head: [B, embed_dim, H, W] -> [B, in_chans, H * upscale, W * upscale] (before the mean).
+
+        Without gradients and for tall inputs it runs in bands of :data:`RECONSTRUCTION_BAND` rows with
+        :data:`RECONSTRUCTION_HALO` rows of context on each side, writing into the output: its widest maps (64
+        channels at 2x and 4x the input size, the largest tensors of the whole forward at x4) then exist one band at
+        a time. The halo covers what its 3x3 convolutions see: one input row each for ``conv_before_upsample`` and the
+        first upsampling conv, then 1/2 and 1/4 of a row at x4 (1/3 at x3): 2.75 rows in all, so with 3 every output
+        pixel is computed from the same neighbourhood as in one piece.
+        """
+        def head(t: Tensor) -> Tensor:
+            return self.conv_last(self.upsample(self.conv_before_upsample(t)))
+
+        h = x.shape[-2]
+        if torch.is_grad_enabled() or h <= RECONSTRUCTION_BAND + 2 * RECONSTRUCTION_HALO or compiling():
+            return head(x)
+        s = self.upscale
+        out = None
+        for top in range(0, h, RECONSTRUCTION_BAND):
+            bottom = min(top + RECONSTRUCTION_BAND, h)
+            lo, hi = max(top - RECONSTRUCTION_HALO, 0), min(bottom + RECONSTRUCTION_HALO, h)
+            band = head(x[..., lo:hi, :])
+            if out is None:
+                out = band.new_empty(band.shape[0], band.shape[1], h * s, band.shape[3])
+            out[..., top * s:bottom * s, :] = band[..., (top - lo) * s:(bottom - lo) * s, :]
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         x, pad_h, pad_w = pad_to_multiple(x, self.window_size)
@@ -602,8 +638,7 @@ class HAT(nn.Module):
 
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x
-        x = self.conv_before_upsample(x)
-        x = self.conv_last(self.upsample(x))
+        x = self.reconstruct(x)
 
         x = x / self.img_range + mean
         if pad_h or pad_w:
