@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -106,7 +105,12 @@ def test_benchmark_table(benchmark, checkpoint, datasets_root, tmp_path):
     assert '| Method | Set5 | Urban100 | B100 |' in table
     bicubic_row = next(line for line in table.splitlines() if line.startswith('| Bicubic |'))
     assert bicubic_row.split(' | ')[1].startswith('28.43 / ') and bicubic_row.endswith('not found |')
-    assert '| HAT x4 (paper) | 33.04 / 0.9056 | 27.97 / 0.8368 | 28.00 / 0.7517 |' in table
+    # unmarked: the authors' PSNR; SSIM from two sources (‡) or one (†)
+    assert '| HAT x4 (published) | 33.04 / 0.9056‡ | 27.97 / 0.8368‡ | 28.00 / 0.7517† |' in table
+    assert (set5['paper_row'], set5['paper_psnr_trust'], set5['paper_ssim_trust']) == ('HAT', 'authors', 'two sources')
+    assert (set5['paper_psnr_sources'], set5['paper_ssim_sources']) == ('A', 'B1 B2')
+    assert b100['paper_ssim_trust'] == 'one source'
+    assert '- B100: PSNR 28.00 [A], authors; SSIM 0.7517† [B1], one source' in table
     assert 'B100: no GTmod4/ and LRbicx4/ (nor HR/ and LR_bicubic/X4/)' in table and 'BSDS100' in table
     # the test pipeline ran and logged the same PSNR
     log = next((out / 'results' / 'benchmark_tiny_hat_x4').glob('test_*.log')).read_text()
@@ -210,18 +214,22 @@ def test_no_set_found_and_custom_model_without_paper_numbers(benchmark, checkpoi
 
 
 def test_paper_row_with_psnr_only(benchmark, checkpoint, datasets_root, tmp_path):
-    """HAT-S x4 is published with PSNR only: the SSIM half of the paper row and of the difference read n/a."""
+    """HAT-ImageNet is published with PSNR only, from one source: the SSIM half of the published row and of the
+    difference read n/a, and the PSNR carries the one-source dagger."""
     out = tmp_path / 'out'
     assert benchmark.main(['-m', str(checkpoint), '--sets', 'Urban100', '--datasets-root', str(datasets_root),
-                           '--out', str(out), '--published', 'HAT-S', '--device', 'cpu']) == 0
+                           '--out', str(out), '--published', 'HAT-ImageNet', '--device', 'cpu']) == 0
     urban = read_csv(out / 'benchmark_tiny_hat_x4.csv')['Urban100']
-    assert (urban['paper_psnr'], urban['paper_ssim'], urban['diff_ssim']) == ('27.870000', '', '')
-    assert math.isclose(float(urban['diff_psnr']), float(urban['psnr']) - 27.87, abs_tol=2e-6)
+    assert (urban['paper_psnr'], urban['paper_ssim'], urban['diff_ssim']) == ('28.370000', '', '')
+    assert (urban['paper_psnr_trust'], urban['paper_ssim_trust'], urban['paper_psnr_sources']) == ('one source', '',
+                                                                                                   'E')
+    assert math.isclose(float(urban['diff_psnr']), float(urban['psnr']) - 28.37, abs_tol=2e-6)
     table = (out / 'benchmark_tiny_hat_x4.md').read_text()
-    assert '| HAT-S x4 (paper) | 27.87 / n/a |' in table
+    assert '| HAT-ImageNet x4 (published) | 28.37† / n/a |' in table
     difference = next(line for line in table.splitlines() if line.startswith('| Difference |'))
     assert difference.endswith(' / n/a |') and difference.split(' | ')[1].startswith('-')
-    assert "Source of the HAT-S row: x4 PSNR from the authors' README table" in table
+    assert 'Source of the HAT-ImageNet row: PSNR only, one source each' in table
+    assert '- [E] github.com/Zdafeng/SwinFIR, README.md' in table
 
 
 def test_bad_arguments(benchmark, checkpoint, tmp_path):
@@ -230,19 +238,50 @@ def test_bad_arguments(benchmark, checkpoint, tmp_path):
     assert benchmark.main(['-m', str(checkpoint), '--published', 'HAT-XL', '--out', str(tmp_path)]) == 2
 
 
-def test_published_results_file():
-    """The data file: one source, every variant x scale x set present, values either null or PSNR/SSIM pairs."""
-    published = json.loads((REPO / 'hat' / 'data' / 'published_results.json').read_text())
-    assert '2205.04437' in published['source']['arxiv']
-    for variant in ('HAT-S', 'HAT', 'HAT-L'):
-        for scale in (2, 3, 4):
-            entries = published['psnr_ssim'][variant][f'x{scale}']
-            assert list(entries) == published['sets']
-            for value in entries.values():
-                assert value is None or (20 < value['psnr'] < 45 and (value['ssim'] is None or
-                                                                      0.5 < value['ssim'] < 1))
-        assert published['psnr_ssim'][variant]['source']  # where this variant's values come from
-    assert published['psnr_ssim']['HAT']['x4']['Urban100'] == {'psnr': 27.97, 'ssim': 0.8368}
-    assert [v['psnr'] for v in published['psnr_ssim']['HAT-S']['x4'].values()] == [32.92, 29.15, 27.97, 27.87,
-                                                                                    32.35]
-    assert 'XPixelGroup/HAT' in published['source']['readme']
+def test_plot_of_psnr_against_cost(benchmark, checkpoint, datasets_root, tmp_path):
+    """--plot writes a PNG beside the table: the published points of the measured set, and the checkpoint."""
+    pytest.importorskip('matplotlib')
+    out = tmp_path / 'out'
+    assert benchmark.main(['-m', str(checkpoint), '--sets', 'urban100', '--datasets-root', str(datasets_root),
+                           '--out', str(out), '--device', 'cpu', '--plot', '--plot-x', 'params']) == 0
+    png = out / 'benchmark_tiny_hat_x4.png'
+    data = png.read_bytes()
+    assert data.startswith(b'\x89PNG\r\n\x1a\n') and len(data) > 10_000
+    assert (out / 'benchmark_tiny_hat_x4.md').is_file()
+
+
+def test_plot_points(benchmark):
+    """The published points of a set: HAT-ImageNet at HAT's published cost, HAT-L's Multi-Adds counted here."""
+    published = benchmark.load_published()
+    points = {p.label: p for p in benchmark.published_points(published, 'Urban100', 4, 'multi-adds')}
+    assert set(points) == {'HAT-S', 'HAT', 'HAT-ImageNet', 'HAT-L', 'SwinIR'}
+    assert (points['HAT-ImageNet'].cost, points['HAT-ImageNet'].psnr) == (102.4, 28.37)
+    assert points['HAT-ImageNet'].psnr_trust == 'one source' and not points['HAT-ImageNet'].cost_counted
+    assert points['HAT-L'].cost_counted and round(points['HAT-L'].cost, 1) == 203.0
+    assert points['HAT-L'].psnr_trust == 'two sources'
+    params = {p.label: p for p in benchmark.published_points(published, 'Urban100', 4, 'params')}
+    assert (params['HAT-L'].cost, params['HAT-L'].cost_counted) == (40.84, False)
+    # x3 Set5: only the ImageNet-pretrained HAT has a published figure
+    assert [p.label for p in benchmark.published_points(published, 'Set5', 3, 'params')] == ['HAT-ImageNet']
+
+
+def test_default_plot_set(benchmark):
+    """The set with the most published points; Urban100, then Set5, on a tie; among the measured sets if any."""
+    published = benchmark.load_published()
+    assert benchmark.default_plot_set(published, 4, []) == 'Urban100'
+    assert benchmark.default_plot_set(published, 4, ['Set14', 'B100', 'Set5']) == 'Set5'
+    assert benchmark.default_plot_set(published, 2, ['Set5', 'Urban100']) == 'Urban100'
+    assert benchmark.default_plot_set(published, 3, ['Set14', 'B100']) == 'Set14'
+    assert benchmark.default_plot_set(published, 4, ['MySet']) == 'MySet'
+
+
+def test_plot_without_matplotlib(benchmark, checkpoint, datasets_root, tmp_path, monkeypatch, caplog):
+    """Without matplotlib, --plot says what to install and stops with status 2, after writing the tables."""
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # makes `import matplotlib` raise ImportError
+    out = tmp_path / 'out'
+    status = benchmark.main(['-m', str(checkpoint), '--sets', 'urban100', '--datasets-root', str(datasets_root),
+                             '--out', str(out), '--device', 'cpu', '--plot'])
+    assert status == 2
+    assert 'pip install matplotlib' in caplog.text
+    assert read_csv(out / 'benchmark_tiny_hat_x4.csv')['Urban100']['status'] == 'ok'  # measured and written
+    assert (out / 'benchmark_tiny_hat_x4.md').is_file() and not (out / 'benchmark_tiny_hat_x4.png').exists()

@@ -30,7 +30,8 @@ def test_hat_x4_parameters_are_exact(hat_x4):
 
 
 def test_hat_x4_macs_match_the_paper_within_3_percent(hat_x4, paper):
-    assert paper['HAT'] == {'params_m': 20.8, 'multi_adds_g': 102.4}
+    assert (paper['HAT']['params_m'], paper['HAT']['multi_adds_g']) == (20.8, 102.4)
+    assert paper['HAT']['trust'] == {'params_m': 'authors', 'multi_adds_g': 'authors'}
     assert round(hat_x4.params / 1e6, 1) == paper['HAT']['params_m']
     # 103.88G counted; the paper states 102.4G (+1.4%).
     assert abs(hat_x4.total_macs / 1e9 - 102.4) / 102.4 < 0.03
@@ -84,6 +85,29 @@ def test_markdown_table_lists_the_paper_and_the_difference(capsys):
     row = next(line for line in table.splitlines() if line.startswith('| HAT |'))
     assert '20,772,507' in row and '102.4' in row and '+1.4%' in row
     assert 'softmax' in table  # says what is not counted
+
+
+def test_hat_l_multi_adds_are_labelled_as_counted_here(capsys, paper):
+    """No source gives HAT-L's Multi-Adds: the table shows ours in their place, said to be ours; its parameters
+    rest on one source and carry the dagger."""
+    assert paper['HAT-L']['multi_adds_g'] is None and paper['HAT-L']['trust']['params_m'] == 'one source'
+    complexity.main(['--variants', 'HAT-L', 'HAT-S'])
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith('| HAT-L |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1] == '40,846,575 (40.8M)' and cells[2] == '40.84M†'
+    assert cells[7] == f'{cells[3]} (counted here)' and cells[8] == ''  # no published figure: no difference
+    assert 'HAT-L: no published Multi-Adds has a source' in table
+    hat_s = next(line for line in table.splitlines() if line.startswith('| HAT-S |'))
+    assert '| 9.6M |' in hat_s and '| 54.9 |' in hat_s  # the authors' figures: unmarked
+    assert '- [A] github.com/XPixelGroup/HAT' in table and '- [D] github.com/ming053l/DRCT' in table
+    assert '† one source only' in table
+
+
+def test_no_published_figures_at_other_scales(capsys):
+    complexity.main(['--variants', 'HAT-S', '--scale', '2'])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| HAT-S |'))
+    assert [c.strip() for c in row.strip('|').split('|')][7:] == ['', '']
 
 
 def test_bad_arguments_exit_with_status_2(tmp_path):

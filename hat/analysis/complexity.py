@@ -1,4 +1,4 @@
-"""Parameters and multiply-adds of HAT variants (and SwinIR, the paper's baseline), compared with the paper.
+"""Parameters and multiply-adds of HAT variants (and SwinIR, the paper's baseline), beside the published figures.
 
     python -m hat.analysis.complexity                       # HAT-S, HAT, HAT-L and SwinIR, x4, 64x64 LR input
     python -m hat.analysis.complexity --variants HAT --scale 2 --size 128
@@ -19,6 +19,11 @@ What is counted
       pooling, padding, pixel shuffle and memory movement. They are elementwise (a few operations per activation,
       well under 1% of the total here), and the paper's figures leave them out too: this convention reproduces the
       paper's SwinIR figure (53.6G) to the first decimal.
+
+Published figures (``hat/data/published_results.json``, x4 and a 64x64 input only) carry the mark of their trust
+level: unmarked, the authors' own text; ``‡``, two independent sources; ``†``, one secondary source. Their sources
+are listed under the table. HAT-L's Multi-Adds have no published source: its row shows this tool's count there,
+labelled "counted here".
 
 How: the network is built on PyTorch's ``meta`` device (shapes only, no memory, no arithmetic) and run once under
 ``torch.utils.flop_counter.FlopCounterMode``, which records every matrix product and convolution with its shapes; it
@@ -138,8 +143,15 @@ def count_complexity(net: nn.Module, *, size: int | tuple[int, int] = DEFAULT_SI
     return Complexity(name=name or type(net).__name__, params=params, macs=macs, input_size=(in_chans, height, width))
 
 
-def _build_on_meta(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """Build ``ARCH_REGISTRY[arch](**kwargs)`` without allocating or initialising weights, when the class allows it."""
+def network_on_meta(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Build ``ARCH_REGISTRY[arch](**kwargs)`` without allocating or initialising weights, when the class allows it.
+
+    Args:
+        arch: a registered architecture name (``'HAT'``, ``'SwinIR'``, ``'SRVGGNetCompact'``, ...).
+        kwargs: its constructor keywords (an option file's ``network_g`` without ``type``).
+    Returns:
+        the network, on the ``meta`` device: ready for :func:`count_complexity`.
+    """
     cls = ARCH_REGISTRY.get(arch)
     try:
         with torch.device('meta'):
@@ -157,9 +169,9 @@ def variant_network(name: str, *, scale: int = DEFAULT_SCALE) -> nn.Module:
     if name in RELEASED_HAT_VARIANTS:
         kwargs = dict(RELEASED_HAT_SHARED, **RELEASED_HAT_VARIANTS[name], upscale=scale, img_size=64,
                       conv_scale=0.01, img_range=1.0, upsampler='pixelshuffle')
-        return _build_on_meta('HAT', kwargs)
+        return network_on_meta('HAT', kwargs)
     if name == 'SwinIR':
-        return _build_on_meta('SwinIR', dict(SWINIR_CLASSICAL, upscale=scale))
+        return network_on_meta('SwinIR', dict(SWINIR_CLASSICAL, upscale=scale))
     raise ValueError(f'unknown variant {name!r}; choose from {", ".join(VARIANTS)}')
 
 
@@ -176,37 +188,85 @@ def options_network(path: str | Path) -> tuple[str, nn.Module]:
     arch = kwargs.pop('type')
     if arch not in ARCH_REGISTRY:
         raise ValueError(f'{path}: network_g.type={arch!r} is not a registered architecture')
-    return str(opt.get('name') or path.stem), _build_on_meta(arch, kwargs)
+    return str(opt.get('name') or path.stem), network_on_meta(arch, kwargs)
 
 
-def published_complexity(path: Path = PUBLISHED_RESULTS) -> dict[str, dict[str, float | None]]:
-    """The paper's parameters (M) and Multi-Adds (G) by model name, from ``hat/data/published_results.json``."""
-    return json.loads(path.read_text(encoding='utf-8'))['complexity']['models']
+def load_published(path: Path = PUBLISHED_RESULTS) -> dict[str, Any]:
+    """``hat/data/published_results.json``: the published figures, each with its sources and trust level."""
+    return json.loads(path.read_text(encoding='utf-8'))
+
+
+def published_complexity(path: Path = PUBLISHED_RESULTS) -> dict[str, dict[str, Any]]:
+    """Published parameters (``params_m``, M) and Multi-Adds (``multi_adds_g``, G) by network name, x4 and a 64x64
+    input, each with its ``sources`` and ``trust`` level; a figure without a source is None."""
+    return load_published(path)['complexity']['models']
+
+
+# The authors' own figures stay unmarked; the others are marked so that nobody reads them as verified.
+TRUST_MARKS = {'authors': '', 'two sources': '‡', 'one source': '†'}
+
+
+def _published_figure(entry: Mapping[str, Any], key: str, unit: str = '') -> str:
+    """``20.8M`` or ``40.84M†``: a published figure with the mark of its trust level; empty without a figure."""
+    value = entry.get(key)
+    if value is None:
+        return ''
+    # A figure whose level is not stated is trusted no more than a single source.
+    level = (entry.get('trust') or {}).get(key, 'one source')
+    return f'{value}{unit}{TRUST_MARKS.get(level, TRUST_MARKS["one source"])}'
 
 
 def _percent(ours: float, paper: float | None) -> str:
     return '' if paper is None else f'{100 * (ours - paper) / paper:+.1f}%'
 
 
-def format_table(results: Sequence[Complexity], published: Mapping[str, Mapping[str, float | None]],
-                 *, scale: int) -> str:
-    """Markdown table: parameters and MACs by category, with the paper's figures where it has them (x4, 64x64)."""
-    lines = ['| Model | Params | Paper params | MACs (G) | conv | linear | attention | Paper Multi-Adds (G) | Diff |',
+def format_table(results: Sequence[Complexity], published: Mapping[str, Mapping[str, Any]], *, scale: int,
+                 sources: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """Markdown table: parameters and MACs by category, beside the published figures (x4, 64x64 input only).
+
+    Args:
+        results: the counts.
+        published: :func:`published_complexity`.
+        scale: the scale counted; published figures are shown for x4 only.
+        sources: ``published_results.json``'s ``sources``, to name those of the figures shown under the table.
+    Returns:
+        the table and its notes.
+    """
+    lines = ['| Model | Params | Published params | MACs (G) | conv | linear | attention | Published Multi-Adds (G) '
+             '| Diff |',
              '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    comparable = scale == 4
+    used: list[str] = []
+    counted_here: list[str] = []
     for r in results:
-        ref = published.get(r.name, {}) if scale == 4 and r.input_size[1:] == (64, 64) else {}
+        ref = published.get(r.name, {}) if comparable and r.input_size[1:] == (64, 64) else {}
         params_m, macs_g = r.params / 1e6, r.total_macs / 1e9
-        paper_params, paper_macs = ref.get('params_m'), ref.get('multi_adds_g')
+        paper_macs = ref.get('multi_adds_g')
+        macs_cell = _published_figure(ref, 'multi_adds_g')
+        if ref and paper_macs is None:
+            # No source gives this network's Multi-Adds (HAT-L): show ours in its place, said to be ours.
+            macs_cell = f'{macs_g:.1f} (counted here)'
+            counted_here.append(r.name)
+        for figure in ('params_m', 'multi_adds_g'):
+            if ref.get(figure) is not None:
+                used += (ref.get('sources') or {}).get(figure, [])
         lines.append(
-            f'| {r.name} | {r.params:,} ({params_m:.1f}M) | {"" if paper_params is None else f"{paper_params}M"} '
+            f'| {r.name} | {r.params:,} ({params_m:.1f}M) | {_published_figure(ref, "params_m", "M")} '
             f'| {macs_g:.1f} | {r.macs["conv"] / 1e9:.1f} | {r.macs["linear"] / 1e9:.1f} '
-            f'| {r.macs["attention"] / 1e9:.1f} | {"" if paper_macs is None else paper_macs} '
-            f'| {_percent(macs_g, paper_macs)} |')
+            f'| {r.macs["attention"] / 1e9:.1f} | {macs_cell} | {_percent(macs_g, paper_macs)} |')
     size = results[0].input_size if results else (3, DEFAULT_SIZE, DEFAULT_SIZE)
     lines.append('')
     lines.append(f'x{scale}, input 1x{size[0]}x{size[1]}x{size[2]} (LR). MACs: conv + linear (weights) + attention '
                  '(q@k^T and attn@v); softmax, normalisation, activations and additions are not counted. '
-                 'The paper\'s figures are for x4 and a 64x64 input.')
+                 'Published figures are for x4 and a 64x64 input.')
+    if used:
+        lines.append('Published figures: unmarked, the authors\' own text; ‡ two independent sources agree; † one '
+                     'source only, a secondary source quoting the paper (not verified).')
+        for key in dict.fromkeys(used):
+            entry = (sources or {}).get(key, {})
+            lines.append(f'- [{key}] {entry.get("where", "see hat/data/published_results.json")}')
+    for name in counted_here:
+        lines.append(f'- {name}: no published Multi-Adds has a source; the figure shown is this tool\'s count.')
     return '\n'.join(lines)
 
 
@@ -245,7 +305,9 @@ def main(argv: Sequence[str] | None = None) -> list[Complexity]:
     if args.json:
         sys.stdout.write(json.dumps([r.as_dict() for r in results], indent=1) + '\n')
     else:
-        sys.stdout.write(format_table(results, published_complexity(), scale=args.scale) + '\n')
+        published = load_published()
+        sys.stdout.write(format_table(results, published['complexity']['models'], scale=args.scale,
+                                      sources=published.get('sources')) + '\n')
     return results
 
 
