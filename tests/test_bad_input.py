@@ -29,7 +29,8 @@ from basicsr.data.single_image_dataset import SingleImageDataset as BasicsrSingl
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils.data import DataLoader
 
-from conftest import GOLDEN, REPO, SHARED_DATASETS, golden_config, golden_state_dict, requires_shared_datasets
+from conftest import (GOLDEN, REPO, SHARED_DATASETS, golden_config, golden_state_dict, requires_shared_datasets,
+                      smooth_image, tiny_hat_config)
 from hat.archs.detect import build_from_checkpoint, load_state_dict
 from hat.archs.hat_arch import HAT
 from hat.data import ImagePairSizeError, PairedImageDataset, SingleImageDataset, UnreadableImageError
@@ -39,23 +40,10 @@ from hat.utils.options import check_network_options, parse_options
 
 SCALE = 2
 SEEDS = range(8)
-TINY_HAT = {
-    'type': 'HAT', 'upscale': SCALE, 'in_chans': 3, 'img_size': 16, 'window_size': 4, 'compress_ratio': 3,
-    'squeeze_factor': 6, 'conv_scale': 0.01, 'overlap_ratio': 0.5, 'img_range': 1.0, 'depths': [1],
-    'embed_dim': 12, 'num_heads': [2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffle', 'resi_connection': '1conv'
-}
+TINY_HAT = {'type': 'HAT', **tiny_hat_config(upscale=SCALE)}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-def smooth_image(rng: np.random.Generator, h: int, w: int, channels: int = 3) -> np.ndarray:
-    """A smooth uint8 image ``[h, w, channels]`` (``[h, w]`` for one channel)."""
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    planes = [np.sin(rng.uniform(2, 8) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 8) * yy)
-              for _ in range(channels)]
-    img = np.clip(127.5 + 100 * np.stack(planes, axis=2), 0, 255).round().astype(np.uint8)
-    return img[:, :, 0] if channels == 1 else img
-
 
 def downscale(img: np.ndarray, scale: int = SCALE) -> np.ndarray:
     h, w = img.shape[:2]

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATASETS, requires_shared_datasets
+from conftest import REPO, SHARED_DATASETS, requires_shared_datasets, tiny_hat_config
 from hat.archs.hat_arch import HAT
 
 SCALE = 4
-TINY_HAT_X4 = dict(upscale=SCALE, in_chans=3, img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2],
-                   compress_ratio=3, squeeze_factor=6, mlp_ratio=2.0)
+TINY_HAT_X4 = tiny_hat_config(upscale=SCALE)
 # Bicubic baselines of the benchmark protocol (Y channel, crop = scale, BasicSR convention; shared/datasets/README.md)
 BICUBIC = {('Set5', 2): 33.67, ('Set5', 3): 30.40, ('Set5', 4): 28.43, ('Set14', 4): 26.09}
 

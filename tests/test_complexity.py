@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, tiny_hat_config
 from hat.analysis import complexity
 from hat.archs.hat_arch import HAT
 
 # A HAT small enough to count by hand: 16x16 input, window 4 (16 windows of N = 16 tokens), OCAB window 6.
-TINY = dict(upscale=2, in_chans=3, img_size=16, window_size=4, embed_dim=12, depths=[2], num_heads=[2],
-            compress_ratio=3, squeeze_factor=6, overlap_ratio=0.5, mlp_ratio=2.0)
+TINY = tiny_hat_config(depths=(2,))
 
 
 @pytest.fixture(scope='module')

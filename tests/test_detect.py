@@ -10,7 +10,7 @@ import torch
 
 # hat first: it applies the torchvision shim that ``import basicsr`` needs and registers the architectures.
 # isort: off
-from conftest import GOLDEN
+from conftest import GOLDEN, GOLDEN_CASES, golden_io, golden_state_dict
 from hat.archs.detect import (RELEASED_HAT_SHARED, RELEASED_HAT_VARIANTS, SRVGG_PARAMETER_FREE_ACT, DetectedArch,
                               build_from_checkpoint, describe_mismatch, detect_architecture, load_state_dict,
                               unwrap_state_dict)
@@ -19,8 +19,6 @@ from hat.archs.srvgg_arch import SRVGGNetCompact
 from basicsr.archs.srvgg_arch import SRVGGNetCompact as BasicsrSRVGGNetCompact
 # isort: on
 
-GOLDEN_CASES = ['hat_tiny_x2', 'hat_tiny_x3_batch2', 'hat_tiny_x4_window16', 'hat_tiny_x2_gray',
-                'hat_tiny_x2_overlap025']
 RELEASED = [(variant, scale) for variant in ('HAT-S', 'HAT', 'HAT-L') for scale in (2, 3, 4)]
 TOLERANCE = 1e-5
 # The golden cases use conv_scale=0.5 so that the CAB branch shows; the weights cannot say so (see the notes).
@@ -45,14 +43,6 @@ def meta_state_dict(shapes: dict) -> dict:
 
 def golden_network_g(case: str) -> dict:
     return json.loads((GOLDEN / f'{case}.json').read_text())['network_g']
-
-
-def golden_io(case: str) -> dict:
-    return torch.load(GOLDEN / f'{case}_io.pt', weights_only=True)
-
-
-def tiny_hat_state_dict() -> dict:
-    return torch.load(GOLDEN / 'hat_tiny_x2.pth', weights_only=True)['params_ema']
 
 
 # ----------------------------------------------------------------------------------------------- released layouts
@@ -180,7 +170,7 @@ WRAPPERS = {
 
 @pytest.mark.parametrize('wrap', WRAPPERS.values(), ids=WRAPPERS.keys())
 def test_wrappers_are_unwrapped(tmp_path, wrap):
-    state_dict = tiny_hat_state_dict()
+    state_dict = golden_state_dict('hat_tiny_x2')
     path = tmp_path / 'net.pth'
     torch.save(wrap(state_dict), path)
     loaded = load_state_dict(path)
@@ -350,7 +340,7 @@ def test_describe_mismatch_across_architectures():
 
 
 def test_pickle_with_custom_class_is_refused_unless_trusted(tmp_path):
-    state_dict = tiny_hat_state_dict()
+    state_dict = golden_state_dict('hat_tiny_x2')
     path = tmp_path / 'legacy.pth'
     torch.save({'params_ema': state_dict, 'meta': CustomObject()}, path)
     with pytest.raises(ValueError) as info:
@@ -375,7 +365,7 @@ def test_missing_file(tmp_path):
 def legacy_bytes() -> bytes:
     """The tiny checkpoint in torch's pre-1.6 (non-zip) format, still readable with weights_only=True."""
     buffer = io.BytesIO()
-    torch.save({'params_ema': tiny_hat_state_dict()}, buffer, _use_new_zipfile_serialization=False)
+    torch.save({'params_ema': golden_state_dict('hat_tiny_x2')}, buffer, _use_new_zipfile_serialization=False)
     return buffer.getvalue()
 
 
@@ -399,7 +389,7 @@ def test_damaged_file(tmp_path, make):
 def test_legacy_format_loads(tmp_path):
     path = tmp_path / 'legacy.pth'
     path.write_bytes(legacy_bytes())
-    assert list(load_state_dict(path)) == list(tiny_hat_state_dict())
+    assert list(load_state_dict(path)) == list(golden_state_dict('hat_tiny_x2'))
 
 
 def test_safetensors_without_the_package(tmp_path, monkeypatch):
@@ -413,7 +403,7 @@ def test_safetensors_without_the_package(tmp_path, monkeypatch):
 
 def test_safetensors_round_trip(tmp_path):
     safetensors_torch = pytest.importorskip('safetensors.torch', reason='the safetensors package is not installed')
-    state_dict = tiny_hat_state_dict()
+    state_dict = golden_state_dict('hat_tiny_x2')
     path = tmp_path / 'net.safetensors'
     safetensors_torch.save_file(state_dict, str(path))
     net = build_from_checkpoint(path)

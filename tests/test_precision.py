@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_hat_config
 from hat.archs.hat_arch import HAT
 from hat.inference import precision
 from hat.inference.precision import FORCE_BF16_ENV, detect_native_bf16, resolve_precision
@@ -21,8 +22,7 @@ from hat.inference.upscaler import Upscaler
 from hat.models.hat_model import amp_dtype
 from hat.upscale import main
 
-TINY_HAT = dict(upscale=2, in_chans=3, img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2],
-                compress_ratio=3, squeeze_factor=6, mlp_ratio=2.0)
+TINY_HAT = tiny_hat_config()
 CPU = torch.device('cpu')
 CUDA = torch.device('cuda')
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATASETS, golden_config, golden_state_dict, requires_shared_datasets
+from conftest import SHARED_DATASETS, golden_net, requires_shared_datasets
 from hat.archs.hat_arch import HAT
 from hat.utils.ensemble import self_ensemble
 from hat.utils.tiling import tile_starts, tiled_forward
@@ -20,21 +20,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope='module')
-def golden_net() -> HAT:
-    net = HAT(**golden_config('hat_tiny_x2'))
-    net.load_state_dict(golden_state_dict('hat_tiny_x2'))
-    return net.eval()
+def tiny_golden_net() -> HAT:
+    return golden_net('hat_tiny_x2')
 
 
 @pytest.fixture(scope='module')
-def sr_like_net(golden_net):
+def sr_like_net(tiny_golden_net):
     """A stand-in for a trained x2 network: bicubic plus a small correction by the tiny golden HAT.
 
     The golden weights are random, so the raw network mixes the whole image with large weights; a trained
     network's output depends mostly on nearby pixels, like this one.
     """
     def net(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.interpolate(t, scale_factor=2, mode='bicubic') + 0.01 * golden_net(t)
+        return torch.nn.functional.interpolate(t, scale_factor=2, mode='bicubic') + 0.01 * tiny_golden_net(t)
 
     return net
 
@@ -134,12 +132,12 @@ def test_self_ensemble_of_an_equivariant_network_is_the_network():
     assert torch.allclose(self_ensemble(net, x), net(x), atol=1e-7)
 
 
-def test_self_ensemble_averages_the_eight_transforms(golden_net):
+def test_self_ensemble_averages_the_eight_transforms(tiny_golden_net):
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
-        ensembled = self_ensemble(golden_net, x)
-        single = golden_net(x)
-        flipped = golden_net(x.flip(-1)).flip(-1)
+        ensembled = self_ensemble(tiny_golden_net, x)
+        single = tiny_golden_net(x)
+        flipped = tiny_golden_net(x.flip(-1)).flip(-1)
     assert ensembled.shape == single.shape
     assert not torch.allclose(ensembled, single, atol=1e-3)
     assert not torch.allclose(single, flipped, atol=1e-3)  # HAT is not flip-equivariant: the average matters

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageOps
 
+from conftest import tiny_hat_config
 from hat.archs.hat_arch import HAT
 from hat.archs.srvgg_arch import SRVGGNetCompact
 from hat.test import test_pipeline as run_test_pipeline
@@ -32,8 +33,7 @@ from hat.upscale import main
 from hat.utils.ensemble import self_ensemble
 
 SCALE = 2
-TINY_HAT = dict(upscale=SCALE, in_chans=3, img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2],
-                compress_ratio=3, squeeze_factor=6, mlp_ratio=2.0)
+TINY_HAT = tiny_hat_config(upscale=SCALE)
 H, W = 12, 20  # input size of the test images (landscape, so that a rotation shows)
 
 
