@@ -73,6 +73,7 @@ from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.memory import measure_peak_memory  # noqa: E402
 from hat.inference.precision import cpu_model  # noqa: E402
 from hat.inference.upscaler import Upscaler  # noqa: E402
+from hat.utils.resume import load_training_state  # noqa: E402
 
 DEFAULT_BUDGET_S = 420.0
 # Shares of the budget, in running order. (b) holds the headline comparison and the compilations; (e) starts two
@@ -722,7 +723,7 @@ def torchrun_checks(experiment: Path, first: int, total: int, output: str) -> li
     state_file = experiment / 'training_states' / f'{total}.state'
     state_iter = None
     if state_file.is_file():
-        state_iter = torch.load(state_file, map_location='cpu', weights_only=False).get('iter')
+        state_iter = load_training_state(str(state_file)).get('iter')
     return [
         {'name': f'first run saved training_states/{first}.state',
          'ok': (experiment / 'training_states' / f'{first}.state').is_file()},

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 import yaml
@@ -60,6 +59,7 @@ from hat.analysis import complexity  # noqa: E402
 from hat.archs.detect import VARIANT_CUSTOM, DetectedArch, detect_architecture  # noqa: E402
 from hat.data.paired_image_dataset import gt_fits_for_validation, lq_file_name  # noqa: E402
 from hat.io.checkpoints import load_state_dict  # noqa: E402
+from hat.io.images import IMAGE_EXTENSIONS, read_array  # noqa: E402
 from hat.test import test_pipeline  # noqa: E402
 from hat.utils.matlab_resize import imresize_uint8  # noqa: E402
 
@@ -75,7 +75,6 @@ SET_FOLDERS = {
     'Urban100': ('Urban100', 'urban100'),
     'Manga109': ('Manga109', 'manga109'),
 }
-IMAGE_EXTENSIONS = ('.png', '.bmp', '.jpg', '.jpeg', '.tif', '.tiff')
 NOT_FOUND = 'not found'
 MISSING_VALUE = 'n/a'
 
@@ -152,11 +151,9 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def _read_color(path: Path) -> np.ndarray:
-    """Read as the test pipeline does: 3-channel BGR uint8 (grey images repeated)."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f'cannot read {path}')
-    return img
+    """Read as the test pipeline does: 3-channel BGR uint8 (grey images repeated); UnreadableImageError names a
+    damaged file."""
+    return read_array(path, colour=True)
 
 
 def bicubic_scores(gt_dir: Path, lq_dir: Path, scale: int, filename_tmpl: str = '{}') -> dict[str, float]:

@@ -356,8 +356,8 @@ def test_resume_checks_read_the_experiment_folder(tmp_path):
     exp = tmp_path / 'exp'
     (exp / 'training_states').mkdir(parents=True)
     (exp / 'models').mkdir()
-    torch.save({'iter': 10}, exp / 'training_states' / '10.state')
-    torch.save({'iter': 15}, exp / 'training_states' / '15.state')
+    torch.save({'iter': 10, 'optimizers': []}, exp / 'training_states' / '10.state')
+    torch.save({'iter': 15, 'optimizers': []}, exp / 'training_states' / '15.state')
     (exp / 'models' / 'net_g_15.pth').write_bytes(b'x')
     (exp / 'train_a.log').write_text('INFO: Device: cuda, 1 processes\n')
     (exp / 'train_b.log').write_text('INFO: Resuming training from /x/10.state: epoch 4, iter 10.\n'
