@@ -46,6 +46,7 @@ from hat.inference.precision import PRECISION_CHOICES, default_device
 from hat.inference.upscaler import DEFAULT_TILE_PAD, Upscaler, parse_tile
 from hat.io.images import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, ImageError, UnreadableImageError, read_picture,
                            write_picture)
+from hat.utils.cli import parse_or_status, set_up_logging
 
 logger = logging.getLogger('hat.upscale')
 
@@ -304,16 +305,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``hat-upscale``: returns the exit status (0 all written, 1 some images failed, 2 bad arguments)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # --help (0) or a usage error (2): return it instead of exiting
-        return int(exit_request.code or 0)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    if logging.getLogger().handlers:  # called from a program that set logging up: leave it as it is, but ours
-        logger.setLevel(level)
-    else:
-        logging.basicConfig(level=level, format='%(levelname)s: %(message)s')
+    args = parse_or_status(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    set_up_logging(logger, logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
     with contextlib.suppress(AttributeError):  # OpenCV's own warnings (libtiff, ...) duplicate ours
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     try:

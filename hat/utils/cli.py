@@ -6,6 +6,8 @@ exception is a bug and keeps its traceback. ``--debug`` on the command line show
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from typing import Any, Callable, Sequence
 
@@ -42,3 +44,21 @@ def run_command(main: Callable[[], Any], *, prog: str, argv: Sequence[str] | Non
               'traceback)', file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def parse_or_status(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed command line, or the exit status argparse asked for (0 after --help/--version, 2 for a usage
+    error), so that ``main(argv)`` can return it instead of exiting."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return int(exit_request.code or 0)
+
+
+def set_up_logging(logger: logging.Logger, level: int) -> None:
+    """``levelname: message`` lines at ``level``; a program that set logging up itself keeps its handlers and only
+    this command's logger gets the level."""
+    if logging.getLogger().handlers:
+        logger.setLevel(level)
+    else:
+        logging.basicConfig(level=level, format='%(levelname)s: %(message)s')
