@@ -47,6 +47,7 @@ from hat.upscale import main as hat_upscale  # noqa: E402
 DEMO_MODEL = REPO / 'experiments' / 'pretrained_models' / 'HAT-demo_SRx4.pth'
 SERVER_START_TIMEOUT = 180  # seconds: importing torch and hat on a busy two-core machine takes most of it
 REQUEST_TIMEOUT = 300
+BUSY_RETRY_SECONDS = 30  # how long a prediction is asked again while the server says its slot is busy
 # Starts like a PNG, then garbage: the kind of upload a client truncates or mislabels.
 CORRUPT_PNG = b'\x89PNG\r\n\x1a\n' + b'not really a png' * 4
 
@@ -296,14 +297,22 @@ class Server:
             return json.load(response)
 
     def predict(self, **inputs) -> dict:
-        request = urllib.request.Request(self.url + '/predictions', data=json.dumps({'input': inputs}).encode(),
-                                         headers={'Content-Type': 'application/json'}, method='POST')
-        try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as error:
-            pytest.fail(f'POST /predictions answered {error.code}: {error.read().decode(errors="replace")}\n'
-                        f'server output:\n{self.output()[-4000:]}')
+        # The server answers 409 while its one prediction slot is still being released after the previous answer
+        # (seen on a busy machine right after a failed prediction): ask again, for a bounded time.
+        deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        while True:
+            request = urllib.request.Request(self.url + '/predictions', data=json.dumps({'input': inputs}).encode(),
+                                             headers={'Content-Type': 'application/json'}, method='POST')
+            try:
+                with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as error:
+                body = error.read().decode(errors='replace')
+                if error.code == 409 and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                pytest.fail(f'POST /predictions answered {error.code}: {body}\n'
+                            f'server output:\n{self.output()[-4000:]}')
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
