@@ -587,64 +587,56 @@ def tiles_part(deadline: Deadline, emit: Recorder, *, device: torch.device, vari
     release(device)
     step_s = 3 * whole_s + 5.0  # a tiled run: more, smaller forwards; the memory model's calibration on top
 
-    # Forced budget: what the memory model says a tile of 40% of the shorter side needs.
-    item = 'forced budget'
-    if deadline.fits(step_s):
+    def run_item(item: str, case: str, needed_s: float, measure: Callable[[dict], None], **fields) -> None:
+        """Measure one tiled item into a table row (errors reported in it), or skip it when time is short."""
+        if not deadline.fits(needed_s):
+            emit('skip', item=item, why=f'needs about {needed_s:.0f} s')
+            return
         emit('start', item=item)
-        row: dict = {'item': item, 'case': 'tile auto, forced budget', 'retries': []}
+        row: dict = {'item': item, 'case': case, **fields}
+        retry_log.retries.clear()
         try:
-            auto = upscaler(tile='auto', max_memory=0.0)
-            model = auto.memory_model()
-            target = forced_tile_side(height, width, auto.multiple)
-            overhead = -auto.memory_budget(height, width, x.shape[1])  # what the budget loses to host canvases
-            # Half a window more than the target's side: rounding in the model's inverse cannot then cost a window.
-            budget = model.peak(target + auto.multiple // 2, target + auto.multiple // 2)
-            auto.max_memory = budget + overhead
-            row.update(target=target, budget_bytes=budget, tile=auto.tile_for(height, width),
-                       memory_model={'fixed_bytes': model.fixed, 'per_pixel_bytes': model.per_pixel})
-            out, row['peak_bytes'], row['seconds'] = timed(lambda: auto.upscale_tensor(x))
-            row.update(compare(out, whole))
-            row['retries'] = list(retry_log.retries)
+            measure(row)
         except Exception as error:  # reported in the table
             row['error'] = describe_error(error)
         emit('row', **row)
         release(device)
-    else:
-        emit('skip', item=item, why=f'needs about {step_s:.0f} s')
+
+    def measure_auto(row: dict, auto: Upscaler) -> None:
+        """Time ``auto`` on the image, compare it with the whole-image output, record its retries."""
+        out, row['peak_bytes'], row['seconds'] = timed(lambda: auto.upscale_tensor(x))
+        row.update(compare(out, whole))
+        row['retries'] = list(retry_log.retries)
+
+    # Forced budget: what the memory model says a tile of 40% of the shorter side needs.
+    def forced_budget(row: dict) -> None:
+        auto = upscaler(tile='auto', max_memory=0.0)
+        model = auto.memory_model()
+        target = forced_tile_side(height, width, auto.multiple)
+        overhead = -auto.memory_budget(height, width, x.shape[1])  # what the budget loses to host canvases
+        # Half a window more than the target's side: rounding in the model's inverse cannot then cost a window.
+        budget = model.peak(target + auto.multiple // 2, target + auto.multiple // 2)
+        auto.max_memory = budget + overhead
+        row.update(target=target, budget_bytes=budget, tile=auto.tile_for(height, width),
+                   memory_model={'fixed_bytes': model.fixed, 'per_pixel_bytes': model.per_pixel})
+        measure_auto(row, auto)
+
+    run_item('forced budget', 'tile auto, forced budget', step_s, forced_budget, retries=[])
 
     # An out-of-memory error raised once, on the whole image: the tile is halved and the image retried.
-    item = 'simulated OOM'
-    if deadline.fits(step_s):
-        emit('start', item=item)
-        row = {'item': item, 'case': 'tile auto, out-of-memory error raised once'}
-        retry_log.retries.clear()
-        try:
-            auto = upscaler(tile='auto', max_memory=float(2**50))
-            # Calibrated before the error is armed (it must hit the image, not a trial tile) and before the
-            # measurement (the calibration resets the allocator's peak itself).
-            auto.memory_model()
-            auto.forward = OutOfMemoryOnce(auto.forward)
-            out, row['peak_bytes'], row['seconds'] = timed(lambda: auto.upscale_tensor(x))
-            row.update(compare(out, whole))
-            row['retries'] = list(retry_log.retries)
-            row['tile'] = row['retries'][-1][1] if row['retries'] else None
-        except Exception as error:  # reported in the table
-            row['error'] = describe_error(error)
-        emit('row', **row)
-        release(device)
-    else:
-        emit('skip', item=item, why=f'needs about {step_s:.0f} s')
+    def simulated_oom(row: dict) -> None:
+        auto = upscaler(tile='auto', max_memory=float(2**50))
+        # Calibrated before the error is armed (it must hit the image, not a trial tile) and before the
+        # measurement (the calibration resets the allocator's peak itself).
+        auto.memory_model()
+        auto.forward = OutOfMemoryOnce(auto.forward)
+        measure_auto(row, auto)
+        row['tile'] = row['retries'][-1][1] if row['retries'] else None
+
+    run_item('simulated OOM', 'tile auto, out-of-memory error raised once', step_s, simulated_oom)
 
     # A real CUDA out-of-memory error: the allocator may hold only part of what the whole image needs.
-    item = 'real OOM'
-    if device.type != 'cuda':
-        emit('skip', item=item, why='needs CUDA')
-    elif not deadline.fits(2 * step_s):
-        emit('skip', item=item, why=f'needs about {2 * step_s:.0f} s')
-    else:
-        emit('start', item=item)
-        row = {'item': item, 'case': 'tile auto, real out-of-memory error under a capped allocator'}
-        retry_log.retries.clear()
+    def real_oom(row: dict) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         try:
             release(device)
@@ -653,16 +645,15 @@ def tiles_part(deadline: Deadline, emit: Recorder, *, device: torch.device, vari
             torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), device)
             auto = upscaler(tile='auto', max_memory=float(2**50))  # the budget says: the whole image fits
             auto.memory_model()  # before the measurement: the calibration resets the allocator's peak itself
-            out, row['peak_bytes'], row['seconds'] = timed(lambda: auto.upscale_tensor(x))
-            row.update(compare(out, whole))
-            row['retries'] = list(retry_log.retries)
+            measure_auto(row, auto)
             row['tile'] = row['retries'][-1][1] if row['retries'] else None
-        except Exception as error:  # reported in the table
-            row['error'] = describe_error(error)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-        emit('row', **row)
-        release(device)
+
+    if device.type != 'cuda':
+        emit('skip', item='real OOM', why='needs CUDA')
+    else:
+        run_item('real OOM', 'tile auto, real out-of-memory error under a capped allocator', 2 * step_s, real_oom)
     logger.removeHandler(retry_log)
 
 
