@@ -106,17 +106,23 @@ def network_channels(net: nn.Module) -> tuple[int, int]:
     return first.in_channels, int(getattr(net, 'num_out_ch', first.in_channels))
 
 
-def build_from_options(path: str | PathLike, *, param_key: str | None = None,
-                       device: str | torch.device = 'cpu') -> nn.Module:
+def read_option_file(path: str | PathLike) -> dict[str, Any]:
+    """The options of a YAML option file (an empty file gives ``{}``)."""
+    with open(path, encoding='utf-8') as f:
+        return yaml.safe_load(f) or {}
+
+
+def build_from_options(path: str | PathLike, *, param_key: str | None = None, device: str | torch.device = 'cpu',
+                       opt: dict[str, Any] | None = None) -> nn.Module:
     """Build ``network_g`` of an option file through ``ARCH_REGISTRY`` and load ``path.pretrain_network_g``.
 
     ``path.param_key_g`` (default ``params_ema``, which falls back to ``params`` as in BasicSR) and
     ``path.strict_load_g`` (default true) are honoured; ``param_key`` overrides the former. A relative weight path
-    is taken from the working directory, as the training and test pipelines do.
+    is taken from the working directory, as the training and test pipelines do. ``opt``: the file's options when
+    the caller has read them already.
     """
     path = Path(path)
-    with open(path, encoding='utf-8') as f:
-        opt = yaml.safe_load(f) or {}
+    opt = read_option_file(path) if opt is None else opt
     network = opt.get('network_g')
     if not isinstance(network, dict) or 'type' not in network:
         raise ValueError(f'{path}: no network_g with a type; an option file for a model needs network_g '
@@ -166,9 +172,8 @@ def load_model(spec: str | PathLike, *, param_key: str | None = None,
         from hat.inference.onnx_backend import load_onnx_model  # onnxruntime is optional
         return load_onnx_model(path, device=device)
     if suffix in OPTION_SUFFIXES:
-        net = build_from_options(path, param_key=param_key, device=device)
-        with open(path, encoding='utf-8') as f:
-            opt = yaml.safe_load(f) or {}
+        opt = read_option_file(path)
+        net = build_from_options(path, param_key=param_key, device=device, opt=opt)
         options = dict(opt['network_g'])
         # Networks without an ``upscale`` attribute (basicsr's EDSR, RCAN) take the scale from the options.
         scale = getattr(net, 'upscale', None) or options.get('upscale') or options.get('scale') or opt.get('scale')

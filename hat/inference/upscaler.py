@@ -151,8 +151,7 @@ class Upscaler:
 
     def describe(self) -> str:
         """What this upscaler runs, for the log: model, device, precision (and why), tiles, ensemble."""
-        tile = {'auto': 'auto', None: 'whole images'}.get(self.tile, f'{self.tile} px') \
-            if not isinstance(self.tile, int) else f'{self.tile} px'
+        tile = 'whole images' if self.tile is None else 'auto' if self.tile == 'auto' else f'{self.tile} px'
         ensemble = ', self-ensemble x8' if self.self_ensemble else ''
         return (f'{self.model.summary()} on {self.device}, {self.precision} ({self.precision_reason}), tile '
                 f'{tile}{ensemble}')

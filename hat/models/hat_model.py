@@ -37,6 +37,24 @@ from hat.utils.resume import capture_rng_state
 
 logger = logging.getLogger('basicsr')
 
+# Values of an ``amp`` option that mean full precision.
+AMP_OFF = (None, False, 'false', 'fp32', 'none')
+
+
+def amp_precision(value, where: str) -> str:
+    """The precision an ``amp`` option names (``'fp32'`` for off), checked.
+
+    Raises:
+        ValueError: a value other than auto, bf16, fp16 or off; ``where`` is the option's section.
+    """
+    if value in AMP_OFF:
+        return 'fp32'
+    if value not in ('auto', 'bf16', 'fp16'):
+        raise ValueError(f'{where}: amp: {value!r} is not supported; use auto, bf16 (recommended), fp16 (CUDA only) '
+                         'or false.')
+    return value
+
+
 def amp_dtype(value, where: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype an ``amp`` option asks for on ``device``, or None for full precision.
 
@@ -51,12 +69,7 @@ def amp_dtype(value, where: str, device: torch.device) -> torch.dtype | None:
     Raises:
         ValueError: an unknown value, or fp16 without CUDA.
     """
-    if value in (None, False, 'false', 'fp32', 'none'):
-        return None
-    if value not in ('auto', 'bf16', 'fp16'):
-        raise ValueError(f'{where}: amp: {value!r} is not supported; use auto, bf16 (recommended), fp16 (CUDA only) '
-                         'or false.')
-    return resolve_precision(value, device, where=f'{where}: amp').dtype
+    return resolve_precision(amp_precision(value, where), device, where=f'{where}: amp').dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -199,8 +212,7 @@ class HATModel(SRModel):
         val_opt = self.opt.get('val') or {}
         model = ModelDescriptor.from_network(net, scale=self.opt['scale'],
                                              size_multiple=int(self.opt['network_g'].get('window_size', 1)))
-        amp = val_opt.get('amp', False)
-        return Upscaler(model, device=self.device, precision='fp32' if amp in (None, False, 'false', 'none') else amp,
+        return Upscaler(model, device=self.device, precision=amp_precision(val_opt.get('amp', False), 'val'),
                         tile=int(tile_opt['tile_size']) if tile_opt else None,
                         tile_pad=int(tile_opt.get('tile_pad', 0)), self_ensemble=val_opt.get('self_ensemble', False),
                         progress=tile_opt.get('progress', True), precision_option='val: amp')
