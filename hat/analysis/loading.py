@@ -1,9 +1,10 @@
-"""Models and images for the analysis command lines, through the project's one loader and one reader.
+"""Models for the analysis command lines, through the project's one loader.
 
 A model is a checkpoint (architecture detected) or an option file (``network_g`` + ``path.pretrain_network_g``),
-loaded by :func:`hat.inference.load_model`; images are read by :func:`hat.io.images.read_image_tensor`. The analysis
-tools call the network itself rather than an :class:`~hat.inference.Upscaler`, because LAM differentiates through
-it and the feature maps hook its layers; HAT pads any input size itself, so they see the same function.
+loaded by :func:`hat.inference.load_model` (the tools read images with :func:`hat.io.images.read_image_tensor`).
+The analysis tools call the network itself rather than an :class:`~hat.inference.Upscaler`, because LAM
+differentiates through it and the feature maps hook its layers; HAT pads any input size itself, so they see the same
+function.
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import torch.nn as nn
 
 from hat.inference.descriptor import load_model as load_descriptor
 from hat.inference.descriptor import network_channels
-from hat.inference.precision import default_device  # noqa: F401  (the analysis tools' default device)
-from hat.io.images import read_image_tensor as read_image  # noqa: F401  (the analysis tools' image reader)
 
 
 def load_model(spec: str | Path, *, param_key: str | None = None, device: str | torch.device = 'cpu') -> nn.Module:
