@@ -1,5 +1,6 @@
 """The speed-ups of the HAT architecture compute the official function: window gathering, chunked low-precision
-attention, the oneDNN linear, and bf16 on every golden case (fp32 golden tests of both paths: test_hat_arch.py)."""
+attention, the CPU linear layers and head-aligned projections, and bf16 on every golden case (fp32 golden tests of
+both paths: test_hat_arch.py)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from conftest import GOLDEN_CASES, golden_io, golden_net
 from hat.archs import attention as attention_module
 from hat.archs.attention import attention, chunked_attention, reference_attention
-from hat.archs.hat_arch import Linear
-from hat.archs.window import shift_mask_patterns, window_order, window_partition
+from hat.archs import linear as linear_module
+from hat.archs.hat_arch import WindowAttention
+from hat.archs.linear import Linear, Mlp
+from hat.archs.window import relative_position_index_sa, shift_mask_patterns, window_order, window_partition
 
 
 def official_windows(x: torch.Tensor, ws: int, shift: int) -> torch.Tensor:
@@ -100,23 +103,81 @@ def test_fused_attention_matches_reference_with_a_shared_mask():
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_uses_onednn_only_for_fp32_on_the_cpu():
+@pytest.fixture(params=['mkl', 'onednn'])
+def product_library(request, monkeypatch):
+    """Each CPU product library in turn, with row chunks of 5 so that small inputs span several chunks."""
+    if request.param == 'onednn' and not torch.backends.mkldnn.is_available():
+        pytest.skip('this PyTorch has no oneDNN')
+    monkeypatch.setattr(linear_module, 'cpu_product_library', lambda: request.param)
+    monkeypatch.setattr(linear_module, 'ROW_CHUNK', 5)
+    return request.param
+
+
+@pytest.mark.parametrize('capability, library', [('AVX512', 'onednn'), ('AVX512_BF16', 'onednn'), ('AVX2', 'mkl'),
+                                                 ('DEFAULT', 'mkl')])
+def test_product_library_follows_the_cpu_capability(monkeypatch, capability, library):
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', True)
+    linear_module.cpu_product_library.cache_clear()
+    try:
+        assert linear_module.cpu_product_library() == library
+    finally:
+        linear_module.cpu_product_library.cache_clear()
+
+
+def test_linear_equals_f_linear_on_each_library(product_library):
+    torch.manual_seed(0)
     layer = Linear(12, 20)
-    x = torch.randn(3, 7, 12)
+    x = torch.randn(3, 7, 12)  # 21 rows: five chunks
     want = F.linear(x, layer.weight, layer.bias)
-    assert layer.uses_onednn(x) == torch.backends.mkldnn.is_available()
-    assert not layer.uses_onednn(x.double())
+    assert layer.uses_cpu_kernels(x) and not layer.uses_cpu_kernels(x.double())
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(layer.forward_gelu(x), F.gelu(want), atol=1e-6, rtol=1e-6)
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not layer.uses_onednn(x)
+            assert not layer.uses_cpu_kernels(x)
             assert layer(x).dtype == layer.forward_gelu(x).dtype == torch.bfloat16  # autocast still applies
     torch.testing.assert_close(layer.forward_gelu(x), F.gelu(want), atol=1e-6, rtol=1e-6)  # with autograd
+    without_bias = Linear(12, 20, bias=False)
+    with torch.no_grad():
+        torch.testing.assert_close(without_bias(x), F.linear(x, without_bias.weight), atol=1e-6, rtol=1e-6)
+
+
+def test_mlp_in_chunks_equals_the_layer_by_layer_computation(product_library):
+    torch.manual_seed(0)
+    mlp = Mlp(in_features=8, hidden_features=16).eval()
+    norm = torch.nn.LayerNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 9, 8)
+    want = mlp.fc2(F.gelu(mlp.fc1(norm(x)))).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(norm(x)), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mlp.residual_forward(x, norm), x + want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mlp.residual_forward(x, norm), x + want, atol=1e-6, rtol=1e-6)  # with autograd
+
+
+def test_head_aligned_projections_compute_the_same_attention():
+    """Head size 12 runs as 16 on the CPU fused path: zero-padded q, k, v and proj columns, same output."""
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=24, window_size=4, num_heads=2).eval()
+    windows, rpi = torch.randn(3 * 16, 24), relative_position_index_sa(4)
+    with torch.no_grad():
+        qkv, head_dim = attn.project_qkv(windows)
+        assert head_dim == 16 and qkv.shape == (48, 3 * 2 * 16)
+        assert torch.count_nonzero(qkv.view(48, 3, 2, 16)[..., 12:]) == 0
+        aligned = attn(windows, rpi, [(3, None)])
+        attn.fused_attn = False
+        assert attn.project_qkv(windows)[1] == 12
+        reference = attn(windows, rpi, [(3, None)])
+        torch.testing.assert_close(aligned, reference, atol=1e-5, rtol=1e-5)
+        attn.fused_attn = True
+        attn.proj.weight.mul_(2)  # the cached aligned weights must follow the update
+        torch.testing.assert_close(attn(windows, rpi, [(3, None)]) - attn.proj.bias, 2 * (aligned - attn.proj.bias),
+                                   atol=1e-5, rtol=1e-5)
+    assert attn.project_qkv(windows.requires_grad_())[1] == 12  # autograd: the layers as they are
 
 
 def test_mlp_keeps_dropout_after_the_fused_gelu():
-    from hat.archs.hat_arch import Mlp
     mlp = Mlp(in_features=8, hidden_features=16, drop=0.5).train()
     x = torch.randn(4, 8)
     with torch.no_grad():

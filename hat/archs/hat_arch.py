@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from hat.archs.attention import attention
+from hat.archs.linear import Linear, Mlp, chunked_linear
 from hat.archs.window import (compiling, overlapping_window_index, overlapping_window_size, pad_to_multiple,
                               relative_position_index_oca, relative_position_index_sa, shift_mask_patterns,
                               window_order)
@@ -60,88 +60,6 @@ class DropPath(nn.Module):
         keep = self.keep_prob.to(x.dtype)
         mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
-
-
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
-
-
-def _autocast_on_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` on oneDNN for fp32 CPU tensors, forward and backward (all three products on oneDNN)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # grad @ W, as a linear layer of weight W^T
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, 'none', [], '')
-        if ctx.needs_input_grad[1]:  # grad^T @ x, as a linear layer of weight x^T
-            grad_w = torch.ops.mkldnn._linear_pointwise(grad_2d.t().contiguous(),
-                                                        x.reshape(-1, x.shape[-1]).t().contiguous(), None, 'none',
-                                                        [], '')
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_2d.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state-dict keys) whose fp32 CPU products run on oneDNN.
-
-    PyTorch sends fp32 CPU matrix products to MKL, which on AMD processors takes a code path that reaches under half
-    of what oneDNN's AVX-512 kernels reach (one Zen 5 core, [4096, 180] x [180, 540]: 95 against 225 GFLOP/s; the
-    results agree to fp32 rounding; a HAT-S training iteration 10% faster). The oneDNN operator is not covered by
-    autocast and Inductor lowers it only for frozen weights, so it runs on the CPU, in fp32, outside autocast and
-    outside ``torch.compile``; everything else goes through ``F.linear``. Its backward is first-order only.
-    x: [..., in_features] -> [..., out_features].
-    """
-
-    def uses_onednn(self, x: Tensor) -> bool:
-        return (_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and not _autocast_on_cpu() and not compiling())
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.uses_onednn(x):
-            return F.linear(x, self.weight, self.bias)
-        if self._needs_grad(x):
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
-
-    def forward_gelu(self, x: Tensor) -> Tensor:
-        """``gelu(self(x))`` (exact, erf-based GELU), fused into the product where oneDNN runs without autograd."""
-        if self.uses_onednn(x) and not self._needs_grad(x):
-            # The post-op's one string argument is its algorithm: 'none' is the erf form, as nn.GELU.
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'gelu', [], 'none')
-        return F.gelu(self(x))
-
-    def _needs_grad(self, x: Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-
-
-class Mlp(nn.Module):
-    """Token-wise feed-forward network: fc1 -> GELU -> dropout -> fc2 -> dropout. x: [..., C] -> [..., C]."""
-
-    def __init__(self, *, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
-        self.fc2 = Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.fc1.forward_gelu(x))))
 
 
 class ChannelAttention(nn.Module):
@@ -180,18 +98,29 @@ class CAB(nn.Module):
         return self.cab(x)
 
 
-class RelativePositionBias(nn.Module):
-    """Base for modules with a learnable relative-position bias table, gathered into a [heads, Nq, Nk] bias.
+class HeadAttention(nn.Module):
+    """Base of the two attentions: a relative-position bias table, ``qkv`` and ``proj`` projections, ``num_heads``.
 
-    In inference (no autograd graph needed) the gathered bias is cached per device and dtype and refreshed when the
-    table changes (its version counter moves on every in-place update, e.g. an optimiser step or a state-dict load).
+    Two inference-only caches, refreshed when their source tensors change (a version counter moves on every in-place
+    update, e.g. an optimiser step or a state-dict load) and dropped when the module moves (``_apply``):
+
+    * the [heads, Nq, Nk] bias gathered from the table;
+    * head-aligned projections. PyTorch's CPU flash-attention kernel is about 20% faster with a head size that is a
+      multiple of 8 (HAT's 30 -> 32, Zen 3, 2 threads). Zero rows appended to each head's rows of the qkv weight
+      and bias, and zero columns to the matching columns of the proj weight, give q, k, v with zeros in the extra
+      dimensions: the logits and the output are unchanged (the extra products are exact zeros).
     """
 
     relative_position_bias_table: nn.Parameter
+    qkv: Linear
+    proj: Linear
+    num_heads: int
+    fused_attn: bool
 
     def __init__(self) -> None:
         super().__init__()
         self._bias_cache: tuple | None = None
+        self._aligned_cache: tuple | None = None
 
     def gathered_bias(self, rpi: Tensor, num_queries: int, num_keys: int) -> Tensor:
         """Args: rpi: [Nq, Nk] int64 index into the table. Returns: [heads, Nq, Nk]."""
@@ -199,7 +128,7 @@ class RelativePositionBias(nn.Module):
         # Under torch.compile the gather is part of the graph (and a cache keyed on tensor versions would recompile).
         if (torch.is_grad_enabled() and table.requires_grad) or compiling():
             return self._gather(table, rpi, num_queries, num_keys)
-        key = (table._version, table.data_ptr(), rpi._version, rpi.data_ptr(), table.device, table.dtype)
+        key = _versions(table, rpi)
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, self._gather(table, rpi, num_queries, num_keys))
         return self._bias_cache[1]
@@ -212,12 +141,65 @@ class RelativePositionBias(nn.Module):
         index = rpi.view(-1).remainder(table.shape[0])
         return table.index_select(0, index).view(num_queries, num_keys, -1).permute(2, 0, 1).contiguous()
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, int]:
+        """The qkv projection and the head size it is laid out in.
+
+        Args:
+            x: [..., C].
+        Returns:
+            (qkv [..., 3 * heads * d], d): ``d`` is C / heads, or that rounded up to a multiple of 8 (zero-filled)
+            where the CPU flash kernel will run on it (fp32 CPU inference with fused attention).
+        """
+        head_dim = self.qkv.in_features // self.num_heads
+        if head_dim % 8 == 0 or not self.fused_attn or not self.qkv.uses_cpu_kernels(x) or self.qkv._needs_grad(x):
+            return self.qkv(x), head_dim
+        qkv_weight, qkv_bias, _ = self._aligned_projections()
+        return chunked_linear(x, qkv_weight, qkv_bias), qkv_weight.shape[0] // (3 * self.num_heads)
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """The output projection of attention outputs laid out as :meth:`project_qkv` returned them.
+
+        Args:
+            out: [..., heads * d] with ``d`` of :meth:`project_qkv`.
+        Returns:
+            [..., C].
+        """
+        if out.shape[-1] == self.proj.in_features:
+            return self.proj(out)
+        _, _, proj_weight = self._aligned_projections()
+        return chunked_linear(out, proj_weight, self.proj.bias)
+
+    def _aligned_projections(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8])."""
+        key = _versions(self.qkv.weight, self.proj.weight, *([self.qkv.bias] if self.qkv.bias is not None else []))
+        if self._aligned_cache is None or self._aligned_cache[0] != key:
+            heads, channels = self.num_heads, self.qkv.in_features
+            head_dim = channels // heads
+            aligned = -(-head_dim // 8) * 8
+            qkv_weight = self.qkv.weight.new_zeros(3, heads, aligned, channels)
+            qkv_weight[:, :, :head_dim] = self.qkv.weight.detach().view(3, heads, head_dim, channels)
+            qkv_bias = None
+            if self.qkv.bias is not None:
+                qkv_bias = self.qkv.bias.new_zeros(3, heads, aligned)
+                qkv_bias[:, :, :head_dim] = self.qkv.bias.detach().view(3, heads, head_dim)
+                qkv_bias = qkv_bias.view(-1)
+            proj_weight = self.proj.weight.new_zeros(channels, heads, aligned)
+            proj_weight[:, :, :head_dim] = self.proj.weight.detach().view(channels, heads, head_dim)
+            self._aligned_cache = (key, (qkv_weight.view(-1, channels), qkv_bias, proj_weight.view(channels, -1)))
+        return self._aligned_cache[1]
+
     def _apply(self, fn, *args, **kwargs):
-        self._bias_cache = None  # .to() / .cuda() / .half() move the table: drop tensors of the old device/dtype
+        # .to() / .cuda() / .half() move the tensors: drop the caches of the old device/dtype
+        self._bias_cache = self._aligned_cache = None
         return super()._apply(fn, *args, **kwargs)
 
 
-class WindowAttention(RelativePositionBias):
+def _versions(*tensors: Tensor) -> tuple:
+    """What identifies the contents of tensors for the caches of :class:`HeadAttention`."""
+    return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
+
+
+class WindowAttention(HeadAttention):
     """Multi-head self-attention inside (shifted) windows with relative-position bias.
 
     Attributes keep the official names: ``qkv``, ``proj``, ``relative_position_bias_table``.
@@ -247,10 +229,9 @@ class WindowAttention(RelativePositionBias):
         Returns:
             [W * N, C].
         """
-        n, c = self.window_size * self.window_size, self.dim
-        heads = self.num_heads
-        qkv = self.qkv(windows).view(-1, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [W, heads, N, d]
+        n, heads = self.window_size * self.window_size, self.num_heads
+        qkv, d = self.project_qkv(windows)
+        q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [W, heads, N, d]
         bias = self.gathered_bias(rpi, n, n)
         dropout_p = self.attn_drop if self.training else 0.0
         outs, start = [], 0
@@ -261,7 +242,7 @@ class WindowAttention(RelativePositionBias):
                             dropout_p=dropout_p, mask=mask)
             outs.append(out.transpose(1, 2))  # [count, N, heads, d]: free for the flash kernel's output layout
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return self.proj_drop(self.proj(out.reshape(-1, c)))
+        return self.proj_drop(self.project_out(out.reshape(-1, heads * d)))
 
 
 class HAB(nn.Module):
@@ -302,14 +283,17 @@ class HAB(nn.Module):
         windows = self.attn(x.reshape(b * h * w, c).index_select(0, order.gather), rpi_sa, groups)
         attn_x = windows.index_select(0, order.scatter).view(b, h * w, c)
 
-        x = shortcut + self.drop_path(attn_x) + conv_x * self.conv_scale
+        x = shortcut + self.drop_path(attn_x)
+        x.add_(conv_x, alpha=self.conv_scale)  # in place: one pass and one map less than adding conv_x * conv_scale
         # Locals live until the return: free the branch outputs before the MLP, whose hidden map is the widest
         # tensor of the block (lower inference peak; autograd keeps what backward needs anyway).
         del shortcut, conv_x, windows, attn_x
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.drop_path.active and self.training:
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp.residual_forward(x, self.norm2)
 
 
-class OCAB(RelativePositionBias):
+class OCAB(HeadAttention):
     """Overlapping cross-attention block: queries from each window, keys/values from the enlarged window around it.
 
     The map of keys/values is zero-padded by ``(ows - ws) / 2`` after the qkv projection, as in the released models,
@@ -342,30 +326,30 @@ class OCAB(RelativePositionBias):
         h, w = x_size
         b, _, c = x.shape
         ws, ows, heads = self.window_size, self.overlap_win_size, self.num_heads
-        d = c // heads
         shortcut = x
-        qkv = self.qkv(self.norm1(x))  # [B, H*W, 3C]
+        qkv, d = self.project_qkv(self.norm1(x))  # [B, H*W, 3 * heads * d]
+        inner = heads * d
 
         # Queries: the tokens of each window, in one gather (windows batch-major, then row-major).
         order = window_order(b, h, w, ws, 0, x.device)
-        q = qkv[..., :c].reshape(b * h * w, c).index_select(0, order.gather)
+        q = qkv[..., :inner].reshape(b * h * w, inner).index_select(0, order.gather)
         q = q.view(-1, ws * ws, heads, d).transpose(1, 2)  # [W, heads, ws*ws, d]
 
         # Keys/values: the enlarged windows of the zero-padded map (as nn.Unfold pads), in one gather.
         pad = (ows - ws) // 2
-        kv = F.pad(qkv[..., c:].reshape(b, h, w, 2 * c), (0, 0, pad, pad, pad, pad))
+        kv = F.pad(qkv[..., inner:].reshape(b, h, w, 2 * inner), (0, 0, pad, pad, pad, pad))
         del qkv  # not needed any more; the gather below is the largest allocation of the block
-        kv = kv.reshape(-1, 2 * c).index_select(0, overlapping_window_index(b, h, w, ws, ows, x.device))
+        kv = kv.reshape(-1, 2 * inner).index_select(0, overlapping_window_index(b, h, w, ws, ows, x.device))
         k, v = kv.view(-1, ows * ows, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [W, heads, ows*ows, d]
 
         bias = self.gathered_bias(rpi_oca, ws * ws, ows * ows)
         out = attention(q, k, v, bias, scale=self.scale, fused=self.fused_attn)
-        x = out.transpose(1, 2).reshape(-1, c).index_select(0, order.scatter).view(b, h * w, c)
+        x = out.transpose(1, 2).reshape(-1, inner).index_select(0, order.scatter).view(b, h * w, inner)
         # The enlarged key/value windows (2.25x the map, twice) would otherwise stay alive through the MLP below.
         del q, kv, k, v, out
 
-        x = self.proj(x) + shortcut
-        return x + self.mlp(self.norm2(x))
+        x = self.project_out(x) + shortcut
+        return self.mlp.residual_forward(x, self.norm2)
 
 
 class AttenBlocks(nn.Module):
@@ -459,7 +443,9 @@ class HAT(nn.Module):
     Speed (same function, same state dict; ``benchmarks/`` measures it against the official computation): attention
     on fused kernels with one mask shared by a group of windows, the cyclic shift and the window partition as one
     row gather (:func:`hat.archs.window.window_order`), a contiguous channels-last token stream, fp32 CPU linear
-    layers on oneDNN (:class:`Linear`), bf16 autocast on oneDNN's bf16 kernels, ``compile_blocks`` for torch.compile.
+    layers on the library that suits the CPU and in row chunks (:mod:`hat.archs.linear`), head sizes aligned to 8
+    for the CPU flash kernel (:class:`HeadAttention`), bf16 autocast on oneDNN's bf16 kernels, ``compile_blocks``
+    for torch.compile.
     """
 
     def __init__(self, *, img_size: int | Sequence[int] = 64, patch_size: int = 1, in_chans: int = 3,

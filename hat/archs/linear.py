@@ -1,0 +1,191 @@
+"""HAT's token-wise linear layers and MLP, with the matrix-product library and row chunking chosen for the CPU.
+
+Every HAT linear layer multiplies a long list of tokens ([B * H * W, C], tens of thousands of rows) by a small
+weight (C = 144 or 180). On the CPU, in fp32, two things decide the speed of such products:
+
+* the library. PyTorch sends fp32 products to MKL, which on AMD processors takes a code path that reaches under half
+  of what oneDNN's AVX-512 kernels reach (one Zen 5 core, [4096, 180] x [180, 540]: 95 against 225 GFLOP/s). Where
+  PyTorch runs AVX2 kernels, MKL is as fast or faster (Zen 3, 2 threads: 135 against 117 GFLOP/s for row chunks of
+  the qkv product). :func:`cpu_product_library` picks oneDNN for AVX-512 CPUs and MKL otherwise.
+* the size of one call. One call over all rows of a 128x128 map ran the [16384, 180] x [180, 540] qkv product at
+  80-86 GFLOP/s on a Zen 3 (2 threads) with either library, the same product in chunks of 1024 rows at 135: a
+  chunk's input and output stay in cache. Without autograd the products run in chunks of :data:`ROW_CHUNK` rows,
+  and the MLP runs fc1, GELU and fc2 on one chunk before the next, so that its hidden map (twice the width of the
+  tokens) never exists in full.
+
+The results agree with ``F.linear`` to fp32 rounding (the sum over the input features runs in the same order).
+The oneDNN operator is not covered by autocast and Inductor lowers it only for frozen weights, so all of this applies
+on the CPU, in fp32, outside autocast and outside ``torch.compile``; everything else goes through ``F.linear``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from hat.archs.window import compiling
+
+ROW_CHUNK = 1024  # rows per product without autograd (see the module doc)
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_product_library() -> str:
+    """``'onednn'`` where PyTorch runs AVX-512 kernels (and has oneDNN), else ``'mkl'`` (PyTorch's own choice)."""
+    if _ONEDNN_LINEAR and torch.backends.cpu.get_cpu_capability().startswith('AVX512'):
+        return 'onednn'
+    return 'mkl'
+
+
+def _autocast_on_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, gelu: bool = False) -> Tensor:
+    # The post-op's one string argument is its algorithm: 'none' is the erf form of GELU, as nn.GELU.
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+
+
+def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, *, gelu: bool = False,
+                residual: Tensor | None = None) -> Tensor:
+    """``out = x @ weight^T + bias`` (then exact GELU if ``gelu``, or plus ``residual``) on the CPU's product library,
+    without autograd.
+
+    Args:
+        out: [R, out_features], written; x: [R, in_features]; weight: [out_features, in_features];
+        residual: [R, out_features] added to the product (not with ``gelu``).
+    """
+    if cpu_product_library() == 'onednn':
+        product = _onednn_linear(x, weight, bias, gelu=gelu)
+        return out.copy_(product) if residual is None else torch.add(residual, product, out=out)
+    if residual is not None:  # residual + bias first, then the product accumulated into it: one pass over out less
+        if bias is None:
+            out.copy_(residual)
+        else:
+            torch.add(residual, bias, out=out)
+        return out.addmm_(x, weight.t())
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+    return torch.ops.aten.gelu_(out) if gelu else out
+
+
+def map_row_chunks(x: Tensor, out_features: int, fill: Callable[[Tensor, Tensor], object]) -> Tensor:
+    """Apply a token-wise computation :data:`ROW_CHUNK` rows at a time.
+
+    Args:
+        x: [..., in_features].
+        fill: called as ``fill(rows, out_rows)`` with [r, in_features] rows of ``x`` and the [r, out_features] rows of
+            the result that it must write.
+    Returns:
+        [..., out_features].
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out = rows.new_empty(rows.shape[0], out_features)
+    for chunk, out_chunk in zip(rows.split(ROW_CHUNK), out.split(ROW_CHUNK)):
+        fill(chunk, out_chunk)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def chunked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, gelu: bool = False) -> Tensor:
+    """``F.linear`` (then GELU) without autograd, in row chunks on the CPU's library. x: [..., in] -> [..., out]."""
+    return map_row_chunks(x, weight.shape[0], lambda rows, out: linear_into(out, rows, weight, bias, gelu=gelu))
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` on oneDNN for fp32 CPU tensors, forward and backward (all three products on oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # grad @ W, as a linear layer of weight W^T
+            grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
+        if ctx.needs_input_grad[1]:  # grad^T @ x, as a linear layer of weight x^T
+            grad_w = _onednn_linear(grad_2d.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) whose fp32 CPU products follow the module doc.
+
+    With autograd: oneDNN forward and backward where :func:`cpu_product_library` says so (first-order only), else
+    ``F.linear``. Without: :func:`chunked_linear`. x: [..., in_features] -> [..., out_features].
+    """
+
+    def uses_cpu_kernels(self, x: Tensor) -> bool:
+        """Whether ``x`` takes the CPU paths of the module doc (fp32 CPU tensors outside autocast and compile)."""
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not _autocast_on_cpu() and not compiling())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.uses_cpu_kernels(x):
+            return F.linear(x, self.weight, self.bias)
+        if not self._needs_grad(x):
+            return chunked_linear(x, self.weight, self.bias)
+        if cpu_product_library() == 'onednn':
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward_gelu(self, x: Tensor) -> Tensor:
+        """``gelu(self(x))`` (exact, erf-based GELU), applied chunk by chunk where the products run in chunks."""
+        if self.uses_cpu_kernels(x) and not self._needs_grad(x):
+            return chunked_linear(x, self.weight, self.bias, gelu=True)
+        return F.gelu(self(x))
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+
+
+class Mlp(nn.Module):
+    """Token-wise feed-forward network: fc1 -> GELU -> dropout -> fc2 -> dropout. x: [..., C] -> [..., C].
+
+    Without autograd on the CPU (and with dropout inactive) the steps run on one chunk of rows before the next
+    (:meth:`residual_forward` includes the norm before and the residual connection after).
+    """
+
+    def __init__(self, *, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = Linear(in_features, hidden_features)
+        self.fc2 = Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._runs_in_chunks(x):
+            return map_row_chunks(x, self.fc2.out_features, lambda rows, out: self._fill_chunk(out, rows))
+        return self.drop(self.fc2(self.drop(self.fc1.forward_gelu(x))))
+
+    def residual_forward(self, x: Tensor, norm: nn.Module) -> Tensor:
+        """``x + self(norm(x))``. x: [..., C] -> [..., C]."""
+        if not self._runs_in_chunks(x):
+            return x + self(norm(x))
+        return map_row_chunks(x, self.fc2.out_features, lambda rows, out: self._fill_chunk(out, norm(rows), rows))
+
+    def _runs_in_chunks(self, x: Tensor) -> bool:
+        dropout_active = self.training and self.drop.p > 0
+        return self.fc1.uses_cpu_kernels(x) and not dropout_active and not self.fc1._needs_grad(x)
+
+    def _fill_chunk(self, out: Tensor, rows: Tensor, residual: Tensor | None = None) -> None:
+        hidden = linear_into(rows.new_empty(rows.shape[0], self.fc1.out_features), rows, self.fc1.weight,
+                             self.fc1.bias, gelu=True)
+        linear_into(out, hidden, self.fc2.weight, self.fc2.bias, residual=residual)
