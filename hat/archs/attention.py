@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 # Upper bound on the elements of one chunk of attention logits in :func:`chunked_attention`: a few MB, so that a
@@ -67,25 +68,87 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, sca
     bf16 matrix products are about four times faster than fp32 ones; and when the mask needs a gradient, PyTorch
     replaces the flash kernel by a slower unfused one. Everything runs in the inputs' precision (the softmax
     accumulates in fp32 internally; an fp32 mask and softmax measured 6% slower for the same PSNR). Computing a few
-    windows at a time keeps the logits in cache and bounds the memory.
+    windows at a time keeps the logits in cache and bounds the memory. With autograd, :class:`_ChunkedAttention`
+    computes the backward chunk by chunk as well (autograd through the slices would add a zero-filled full-size
+    gradient per chunk and input).
 
     Args:
         q: [W, heads, Nq, d]; k, v: [W, heads, Nk, d]; attn_mask: [W or 1, heads, Nq, Nk].
     Returns:
         [W, heads, Nq, d].
     """
+    attn_mask = attn_mask.to(q.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, attn_mask)):
+        return _ChunkedAttention.apply(q, k, v, attn_mask, scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = q.new_empty(q.shape)
+    for part in _chunks(q, k):
+        weights = _attention_weights(q[part], k[part], attn_mask, part, scale)
+        torch.bmm(weights, _fold(v[part]), out=_fold(out[part]))
+    return out
+
+
+def _chunks(q: Tensor, k: Tensor) -> list[slice]:
+    """Slices of the windows such that one slice's logits hold at most :data:`LOGITS_CHUNK_ELEMENTS`."""
     windows, heads, n_q, _ = q.shape
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // (heads * n_q * k.shape[-2]))
-    attn_mask = attn_mask.to(q.dtype)
-    outs = []
-    for start in range(0, windows, chunk):
-        part = slice(start, start + chunk)
-        logits = torch.matmul(q[part] * scale, k[part].transpose(-2, -1))
-        # In place (autograd allows it: the product's backward needs its inputs, not its output): one multi-MB
-        # buffer less to allocate, which costs page faults on the CPU.
-        logits.add_(attn_mask if attn_mask.shape[0] == 1 else attn_mask[part])
-        outs.append(torch.matmul(torch.softmax(logits, dim=-1), v[part]))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    return [slice(start, start + chunk) for start in range(0, windows, chunk)]
+
+
+def _fold(t: Tensor) -> Tensor:
+    """[w, heads, N, d] -> [w * heads, N, d]: a view of a contiguous tensor or of a slice of its windows."""
+    return t.view(-1, *t.shape[-2:])
+
+
+def _attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor, part: slice, scale: float) -> Tensor:
+    """softmax((q * scale) k^T + mask) of one chunk of contiguous q [w, heads, Nq, d], k: [w * heads, Nq, Nk]."""
+    logits = torch.bmm(_fold(q) * scale, _fold(k).transpose(1, 2))  # the transposed view costs no copy in bmm
+    # In place: one multi-MB buffer less to allocate, which costs page faults on the CPU.
+    logits.view(*q.shape[:-1], -1).add_(attn_mask if attn_mask.shape[0] == 1 else attn_mask[part])
+    return torch.softmax(logits, dim=-1)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """:func:`chunked_attention` with a chunked backward; the attention weights are kept for it (first-order only).
+
+    With P the weights of a chunk and dO the output gradient: dV = P^T dO, dS = P * (dO V^T - rowsum(...)) (the
+    softmax backward), dQ = scale * dS K, dK = scale * dS^T Q, and the mask's gradient is dS (summed over the
+    windows when one mask serves them all).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = q.new_empty(q.shape)
+        weights = []
+        for part in _chunks(q, k):
+            weights.append(_attention_weights(q[part], k[part], attn_mask, part, scale))
+            torch.bmm(weights[-1], _fold(v[part]), out=_fold(out[part]))
+        ctx.save_for_backward(q, k, v, *weights)
+        ctx.scale = scale
+        ctx.mask_shape = attn_mask.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        q, k, v, *weights = ctx.saved_tensors
+        scale, shared_mask = ctx.scale, ctx.mask_shape[0] == 1
+        grad_out = grad_out.contiguous()
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_mask = q.new_zeros(ctx.mask_shape) if shared_mask else q.new_empty(ctx.mask_shape)
+        for part, p in zip(_chunks(q, k), weights):
+            d_out = _fold(grad_out[part])
+            torch.bmm(p.transpose(1, 2), d_out, out=_fold(grad_v[part]))
+            d_logits = torch._softmax_backward_data(torch.bmm(d_out, _fold(v[part]).transpose(1, 2)), p, -1, p.dtype)
+            per_window = d_logits.view(*q[part].shape[:-1], -1)
+            if shared_mask:
+                grad_mask += per_window.sum(0, keepdim=True)
+            else:
+                grad_mask[part] = per_window
+            torch.bmm(d_logits, _fold(k[part]), out=_fold(grad_q[part])).mul_(scale)
+            torch.bmm(d_logits.transpose(1, 2), _fold(q[part]), out=_fold(grad_k[part])).mul_(scale)
+        return grad_q, grad_k, grad_v, grad_mask, None
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0,
