@@ -13,9 +13,10 @@ from conftest import GOLDEN_CASES, golden_io, golden_net
 from hat.archs import attention as attention_module
 from hat.archs.attention import attention, chunked_attention, reference_attention
 from hat.archs import linear as linear_module
-from hat.archs.hat_arch import WindowAttention
+from hat.archs.hat_arch import HAB, OCAB, WindowAttention
 from hat.archs.linear import Linear, Mlp
-from hat.archs.window import relative_position_index_sa, shift_mask_patterns, window_order, window_partition
+from hat.archs.window import (overlapping_window_index, relative_position_index_oca, relative_position_index_sa,
+                              shift_mask_patterns, window_order, window_partition)
 
 
 def official_windows(x: torch.Tensor, ws: int, shift: int) -> torch.Tensor:
@@ -195,6 +196,61 @@ def test_head_aligned_projections_compute_the_same_attention():
         torch.testing.assert_close(attn(windows, rpi, [(3, None)]) - attn.proj.bias, 2 * (aligned - attn.proj.bias),
                                    atol=1e-5, rtol=1e-5)
     assert attn.project_qkv(windows.requires_grad_())[1] == 12  # autograd: the layers as they are
+
+
+def test_linear_of_one_chunk_and_into_an_output_equal_f_linear(product_library):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(20, 12), torch.randn(20), torch.randn(2, 2, 12)  # 4 rows: one chunk of 5
+    want = F.linear(x, weight, bias)
+    torch.testing.assert_close(linear_module.chunked_linear(x, weight, bias), want, atol=1e-6, rtol=1e-6)
+    rows = torch.randn(13, 12)
+    out = torch.full((14, 20), 7.0)
+    linear_module.chunked_linear(rows, weight, bias, out=out[1:])
+    torch.testing.assert_close(out[1:], F.linear(rows, weight, bias), atol=1e-6, rtol=1e-6)
+    assert torch.all(out[0] == 7.0)  # nothing outside the given output is written
+
+
+@pytest.mark.parametrize('batch, h, w', [(1, 8, 8), (2, 12, 16), (1, 4, 12)])
+def test_overlapping_window_index_is_unfold_of_the_zero_padded_map(batch, h, w):
+    ws, ows, channels = 4, 6, 3
+    maps = torch.randn(batch, h, w, channels)
+    rows = torch.cat([maps.reshape(-1, channels), maps.new_zeros(1, channels)])
+    gathered = rows.index_select(0, overlapping_window_index(batch, h, w, ws, ows, torch.device('cpu')))
+    unfold = torch.nn.Unfold(kernel_size=ows, stride=ws, padding=(ows - ws) // 2)
+    want = unfold(maps.permute(0, 3, 1, 2))  # [B, C * ows * ows, windows]
+    want = want.view(batch, channels, ows * ows, -1).permute(0, 3, 2, 1).reshape(-1, channels)
+    assert torch.equal(gathered, want)
+
+
+@pytest.mark.parametrize('shift', [0, 2])
+def test_window_attention_in_chunks_equals_the_whole_maps(product_library, shift):
+    """CPU inference attends a few windows at a time (here 1: chunks of 5 rows, 16 tokens per window), straight
+    from the token maps to the output; autograd takes the whole maps. Both compute the same block."""
+    torch.manual_seed(0)
+    block = HAB(dim=12, num_heads=2, window_size=4, shift_size=shift, compress_ratio=3, squeeze_factor=3,
+                conv_scale=0.01, mlp_ratio=2.0, qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0,
+                drop_path=0.0).eval()
+    torch.nn.init.normal_(block.attn.relative_position_bias_table)
+    x, size = torch.randn(2, 12 * 8, 12), (12, 8)
+    args = (x, size, relative_position_index_sa(4), shift_mask_patterns(4, 2))
+    whole = block(*args)  # autograd: the weights need gradients
+    assert block.attn.attends_in_chunks(x) is False
+    with torch.no_grad():
+        assert block.attn.attends_in_chunks(x)
+        torch.testing.assert_close(block(*args), whole.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
+    torch.manual_seed(0)
+    block = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
+                 mlp_ratio=2.0).eval()
+    torch.nn.init.normal_(block.relative_position_bias_table)
+    x, size = torch.randn(2, 8 * 12, 12), (8, 12)
+    args = (x, size, relative_position_index_oca(4, 0.5))
+    whole = block(*args)
+    with torch.no_grad():
+        assert block.attends_in_chunks(x)
+        torch.testing.assert_close(block(*args), whole.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_keeps_dropout_after_the_fused_gelu():

@@ -28,10 +28,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from hat.archs.attention import attention
+from hat.archs import linear as token_linear
 from hat.archs.linear import Linear, Mlp, chunked_linear
 from hat.archs.window import (compiling, overlapping_window_index, overlapping_window_size, pad_to_multiple,
                               relative_position_index_oca, relative_position_index_sa, shift_mask_patterns,
-                              window_order)
+                              WindowOrder, window_order)
 
 SUPPORTED_UPSAMPLERS = ('pixelshuffle', )
 SUPPORTED_RESI_CONNECTIONS = ('1conv', 'identity')
@@ -141,33 +142,50 @@ class HeadAttention(nn.Module):
         index = rpi.view(-1).remainder(table.shape[0])
         return table.index_select(0, index).view(num_queries, num_keys, -1).permute(2, 0, 1).contiguous()
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, int]:
-        """The qkv projection and the head size it is laid out in.
+    def qkv_layout(self, x: Tensor) -> tuple[Tensor, Tensor | None, int]:
+        """The qkv projection to apply to ``x`` and the head size it lays q, k and v out in.
 
         Args:
             x: [..., C].
         Returns:
-            (qkv [..., 3 * heads * d], d): ``d`` is C / heads, or that rounded up to a multiple of 8 (zero-filled)
-            where the CPU flash kernel will run on it (fp32 CPU inference with fused attention).
+            (weight [3 * heads * d, C], bias [3 * heads * d] or None, d): ``d`` is C / heads, or that rounded up to
+            a multiple of 8 with zero-filled rows where the CPU flash kernel will run on it (fp32 CPU inference with
+            fused attention).
         """
         head_dim = self.qkv.in_features // self.num_heads
         if head_dim % 8 == 0 or not self.fused_attn or not self.qkv.uses_cpu_kernels(x) or self.qkv._needs_grad(x):
-            return self.qkv(x), head_dim
+            return self.qkv.weight, self.qkv.bias, head_dim
         qkv_weight, qkv_bias, _ = self._aligned_projections()
-        return chunked_linear(x, qkv_weight, qkv_bias), qkv_weight.shape[0] // (3 * self.num_heads)
+        return qkv_weight, qkv_bias, qkv_weight.shape[0] // (3 * self.num_heads)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, int]:
+        """(qkv [..., 3 * heads * d], d): the projection of :meth:`qkv_layout` applied to x [..., C]."""
+        weight, bias, head_dim = self.qkv_layout(x)
+        return self.qkv.forward_with(x, weight, bias), head_dim
 
     def project_out(self, out: Tensor) -> Tensor:
-        """The output projection of attention outputs laid out as :meth:`project_qkv` returned them.
+        """The output projection of attention outputs laid out as :meth:`qkv_layout` said.
 
         Args:
-            out: [..., heads * d] with ``d`` of :meth:`project_qkv`.
+            out: [..., heads * d] with ``d`` of :meth:`qkv_layout`.
         Returns:
             [..., C].
         """
         if out.shape[-1] == self.proj.in_features:
             return self.proj(out)
         _, _, proj_weight = self._aligned_projections()
-        return chunked_linear(out, proj_weight, self.proj.bias)
+        return self.proj.forward_with(out, proj_weight, self.proj.bias)
+
+    def attends_in_chunks(self, x: Tensor) -> bool:
+        """Whether attention runs a few windows at a time, from the projections to the output (CPU inference).
+
+        Each chunk of :data:`~hat.archs.linear.ROW_CHUNK` query tokens is gathered, projected, attended and projected
+        back while it is in cache, and no map of q, k and v (3x the tokens, or 9x for OCAB's enlarged windows) is
+        allocated: on the CPU a fresh multi-MB buffer costs a page fault per 4 KiB on its first write, which on some
+        machines took as long as the products that filled it. Autograd and torch.compile take the whole maps.
+        """
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)
+        return x.device.type == 'cpu' and not needs_grad and not compiling()
 
     def _aligned_projections(self) -> tuple[Tensor, Tensor | None, Tensor]:
         """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8])."""
@@ -244,6 +262,37 @@ class WindowAttention(HeadAttention):
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return self.proj_drop(self.project_out(out.reshape(-1, heads * d)))
 
+    def attend_map(self, tokens: Tensor, order: WindowOrder, rpi: Tensor,
+                   groups: Sequence[tuple[int, Tensor | None]]) -> Tensor:
+        """Attention over the (shifted) windows of whole maps, each output at its token's place in the maps.
+
+        Args:
+            tokens: [B * H * W, C] of the maps, flat (unshifted).
+            order: the maps' :func:`~hat.archs.window.window_order`.
+            rpi: [N, N] relative position index.
+            groups: the windows of ``order`` by mask, as in :meth:`forward`.
+        Returns:
+            [B * H * W, C].
+        """
+        if not self.attends_in_chunks(tokens):
+            return self(tokens.index_select(0, order.gather), rpi, groups).index_select(0, order.scatter)
+        n, heads = self.window_size * self.window_size, self.num_heads
+        bias = self.gathered_bias(rpi, n, n)
+        per_chunk = max(1, token_linear.ROW_CHUNK // n)  # windows
+        out = tokens.new_empty(tokens.shape[0], self.proj.out_features)
+        first = 0
+        for count, mask in groups:
+            group_mask = bias if mask is None else bias + mask  # one sum per group instead of one per chunk
+            for start in range(first, first + count, per_chunk):
+                rows = order.gather[start * n:min(start + per_chunk, first + count) * n]
+                qkv, d = self.project_qkv(tokens.index_select(0, rows))
+                q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+                attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
+                attended = self.project_out(attended.transpose(1, 2).reshape(-1, heads * d))
+                out.index_copy_(0, rows, self.proj_drop(attended))
+            first += count
+        return out
+
 
 class HAB(nn.Module):
     """Hybrid attention block: (shifted) window MSA in parallel with a CAB scaled by ``conv_scale``, then an MLP.
@@ -280,14 +329,13 @@ class HAB(nn.Module):
         order = window_order(b, h, w, self.window_size, self.shift_size, x.device)
         groups = [(count, shift_patterns[last_row, last_col] if (last_row or last_col) else None)
                   for count, last_row, last_col in order.groups]
-        windows = self.attn(x.reshape(b * h * w, c).index_select(0, order.gather), rpi_sa, groups)
-        attn_x = windows.index_select(0, order.scatter).view(b, h * w, c)
+        attn_x = self.attn.attend_map(x.reshape(b * h * w, c), order, rpi_sa, groups).view(b, h * w, c)
 
         x = shortcut + self.drop_path(attn_x)
         x.add_(conv_x, alpha=self.conv_scale)  # in place: one pass and one map less than adding conv_x * conv_scale
         # Locals live until the return: free the branch outputs before the MLP, whose hidden map is the widest
         # tensor of the block (lower inference peak; autograd keeps what backward needs anyway).
-        del shortcut, conv_x, windows, attn_x
+        del shortcut, conv_x, attn_x
         if self.drop_path.active and self.training:
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return self.mlp.residual_forward(x, self.norm2)
@@ -326,30 +374,49 @@ class OCAB(HeadAttention):
         h, w = x_size
         b, _, c = x.shape
         ws, ows, heads = self.window_size, self.overlap_win_size, self.num_heads
-        shortcut = x
-        qkv, d = self.project_qkv(self.norm1(x))  # [B, H*W, 3 * heads * d]
+        n_q, n_k = ws * ws, ows * ows
+        tokens = self.norm1(x).reshape(b * h * w, c)
+        weight, bias, d = self.qkv_layout(tokens)
         inner = heads * d
+        kv_rows = self._key_value_rows(tokens, weight[inner:], None if bias is None else bias[inner:])
+        kv_index = overlapping_window_index(b, h, w, ws, ows, x.device)  # enlarged windows, as rows of kv_rows
+        order = window_order(b, h, w, ws, 0, x.device)  # the windows of queries, in the same order
+        attn_bias = self.gathered_bias(rpi_oca, n_q, n_k)
 
-        # Queries: the tokens of each window, in one gather (windows batch-major, then row-major).
-        order = window_order(b, h, w, ws, 0, x.device)
-        q = qkv[..., :inner].reshape(b * h * w, inner).index_select(0, order.gather)
-        q = q.view(-1, ws * ws, heads, d).transpose(1, 2)  # [W, heads, ws*ws, d]
+        n_windows = order.gather.numel() // n_q
+        in_chunks = self.attends_in_chunks(tokens)
+        per_chunk = max(1, token_linear.ROW_CHUNK // n_q) if in_chunks else n_windows
+        attended = tokens.new_empty(tokens.shape) if in_chunks else None
+        for start in range(0, n_windows, per_chunk):
+            stop = min(start + per_chunk, n_windows)
+            rows = order.gather[start * n_q:stop * n_q]
+            q = self.qkv.forward_with(tokens.index_select(0, rows), weight[:inner],
+                                      None if bias is None else bias[:inner])
+            q = q.view(-1, n_q, heads, d).transpose(1, 2)  # [w, heads, ws*ws, d]
+            kv = kv_rows.index_select(0, kv_index[start * n_k:stop * n_k])
+            k, v = kv.view(-1, n_k, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [w, heads, ows*ows, d]
+            out = attention(q, k, v, attn_bias, scale=self.scale, fused=self.fused_attn)
+            out = self.project_out(out.transpose(1, 2).reshape(-1, inner))
+            if in_chunks:
+                attended.index_copy_(0, rows, out)
+            else:
+                attended = out.index_select(0, order.scatter)
+        # The keys/values (and, in one piece, the enlarged windows: 2.25x the map, twice) would otherwise stay alive
+        # through the MLP below.
+        del kv_rows, q, kv, k, v, out
 
-        # Keys/values: the enlarged windows of the zero-padded map (as nn.Unfold pads), in one gather.
-        pad = (ows - ws) // 2
-        kv = F.pad(qkv[..., inner:].reshape(b, h, w, 2 * inner), (0, 0, pad, pad, pad, pad))
-        del qkv  # not needed any more; the gather below is the largest allocation of the block
-        kv = kv.reshape(-1, 2 * inner).index_select(0, overlapping_window_index(b, h, w, ws, ows, x.device))
-        k, v = kv.view(-1, ows * ows, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [W, heads, ows*ows, d]
-
-        bias = self.gathered_bias(rpi_oca, ws * ws, ows * ows)
-        out = attention(q, k, v, bias, scale=self.scale, fused=self.fused_attn)
-        x = out.transpose(1, 2).reshape(-1, inner).index_select(0, order.scatter).view(b, h * w, inner)
-        # The enlarged key/value windows (2.25x the map, twice) would otherwise stay alive through the MLP below.
-        del q, kv, k, v, out
-
-        x = self.project_out(x) + shortcut
+        x = attended.view(b, h * w, c) + x
         return self.mlp.residual_forward(x, self.norm2)
+
+    def _key_value_rows(self, tokens: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The keys and values of all tokens and one zero row after them (the padding of the enlarged windows, see
+        :func:`~hat.archs.window.overlapping_window_index`). tokens: [R, C] -> [R + 1, 2 * heads * d]."""
+        if self.qkv.uses_cpu_kernels(tokens) and not self.qkv._needs_grad(tokens):
+            rows = tokens.new_empty(tokens.shape[0] + 1, weight.shape[0])
+            rows[-1].zero_()
+            chunked_linear(tokens, weight, bias, out=rows[:-1])
+            return rows
+        return F.pad(self.qkv.forward_with(tokens, weight, bias), (0, 0, 0, 1))
 
 
 class AttenBlocks(nn.Module):

@@ -64,7 +64,7 @@ def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, *, 
         out: [R, out_features], written; x: [R, in_features]; weight: [out_features, in_features];
         residual: [R, out_features] added to the product (not with ``gelu``).
     """
-    if cpu_product_library() == 'onednn':
+    if cpu_product_library() == 'onednn':  # oneDNN has no out= form: its product is copied (from cache)
         product = _onednn_linear(x, weight, bias, gelu=gelu)
         return out.copy_(product) if residual is None else torch.add(residual, product, out=out)
     if residual is not None:  # residual + bias first, then the product accumulated into it: one pass over out less
@@ -80,26 +80,38 @@ def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, *, 
     return torch.ops.aten.gelu_(out) if gelu else out
 
 
-def map_row_chunks(x: Tensor, out_features: int, fill: Callable[[Tensor, Tensor], object]) -> Tensor:
+def map_row_chunks(x: Tensor, out_features: int, fill: Callable[[Tensor, Tensor], object],
+                   out: Tensor | None = None) -> Tensor:
     """Apply a token-wise computation :data:`ROW_CHUNK` rows at a time.
 
     Args:
         x: [..., in_features].
         fill: called as ``fill(rows, out_rows)`` with [r, in_features] rows of ``x`` and the [r, out_features] rows of
             the result that it must write.
+        out: [R, out_features] (R rows in ``x``) to write the result into; a new tensor if None.
     Returns:
-        [..., out_features].
+        [..., out_features] (a view of ``out`` when given).
     """
     rows = x.reshape(-1, x.shape[-1])
-    out = rows.new_empty(rows.shape[0], out_features)
+    if out is None:
+        out = rows.new_empty(rows.shape[0], out_features)
     for chunk, out_chunk in zip(rows.split(ROW_CHUNK), out.split(ROW_CHUNK)):
         fill(chunk, out_chunk)
     return out.view(*x.shape[:-1], out_features)
 
 
-def chunked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, gelu: bool = False) -> Tensor:
-    """``F.linear`` (then GELU) without autograd, in row chunks on the CPU's library. x: [..., in] -> [..., out]."""
-    return map_row_chunks(x, weight.shape[0], lambda rows, out: linear_into(out, rows, weight, bias, gelu=gelu))
+def chunked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, gelu: bool = False,
+                   out: Tensor | None = None) -> Tensor:
+    """``F.linear`` (then GELU) without autograd, in row chunks on the CPU's library. x: [..., in] -> [..., out].
+
+    ``out``: as in :func:`map_row_chunks`. Inputs of at most :data:`ROW_CHUNK` rows without ``out`` are one product
+    whose result is returned as it is (no copy into an output).
+    """
+    if out is None and x.numel() <= ROW_CHUNK * x.shape[-1] and cpu_product_library() == 'onednn':
+        rows = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias, gelu=gelu)
+        return rows.view(*x.shape[:-1], weight.shape[0])
+    return map_row_chunks(x, weight.shape[0], lambda rows, out: linear_into(out, rows, weight, bias, gelu=gelu),
+                          out=out)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -139,13 +151,19 @@ class Linear(nn.Linear):
                 and not _autocast_on_cpu() and not compiling())
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's computation (library, chunks, autograd) with ``weight`` and ``bias`` in place of its own:
+        slices of them or a copy laid out otherwise (same dtype and device). weight: [out, in]; bias: [out] or None.
+        """
         if not self.uses_cpu_kernels(x):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, bias)
         if not self._needs_grad(x):
-            return chunked_linear(x, self.weight, self.bias)
+            return chunked_linear(x, weight, bias)
         if cpu_product_library() == 'onednn':
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return _OneDNNLinear.apply(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def forward_gelu(self, x: Tensor) -> Tensor:
         """``gelu(self(x))`` (exact, erf-based GELU), applied chunk by chunk where the products run in chunks."""

@@ -173,24 +173,26 @@ def window_order(batch: int, height: int, width: int, window_size: int, shift_si
 @cached_outside_compile
 def overlapping_window_index(batch: int, height: int, width: int, window_size: int, overlap_win_size: int,
                              device: torch.device) -> Tensor:
-    """Rows of the zero-padded key/value maps that form OCAB's enlarged windows, as one gather index.
+    """Rows of the key/value maps that form OCAB's enlarged windows, as one gather index.
 
-    The maps [B, H, W, C] are padded by ``p = (ows - ws) / 2`` on every side (as ``nn.Unfold(ows, stride=ws,
-    padding=p)`` does) and flattened to [B * (H + 2p) * (W + 2p), C]; window (b, i, j) takes the ows x ows block at
-    (i * ws, j * ws) of that padded map. A row gather (``index_select``) makes all windows in one copy and, unlike
-    ``unfold``, has a fast backward (index_add) for training.
+    Window (b, i, j) takes the ows x ows block at (i * ws - p, j * ws - p), p = (ows - ws) / 2, of the maps zero-padded
+    by ``p`` on every side (as ``nn.Unfold(ows, stride=ws, padding=p)`` does). The index points into the maps
+    [B, H, W, C] flattened to [B * H * W, C] with one zero row appended: positions in the padding point to that row
+    (index B * H * W), so that no padded copy of the maps is made. A row gather (``index_select``) makes the windows
+    and, unlike ``unfold``, has a fast backward (index_add) for training.
 
     Returns:
         [B * nRows * nCols * ows * ows] int64 on ``device``: windows batch-major then row-major (the order of
         :func:`window_order` without shift), tokens row-major inside each window.
     """
     pad = (overlap_win_size - window_size) // 2
-    padded_h, padded_w = height + 2 * pad, width + 2 * pad
     local = torch.arange(overlap_win_size)
-    y = torch.arange(height // window_size)[:, None, None, None] * window_size + local[None, None, :, None]
-    x = torch.arange(width // window_size)[None, :, None, None] * window_size + local[None, None, None, :]
-    flat = (y * padded_w + x).reshape(-1)
-    return (torch.arange(batch)[:, None] * (padded_h * padded_w) + flat[None]).reshape(-1).to(device)
+    y = torch.arange(height // window_size)[:, None, None, None] * window_size + local[None, None, :, None] - pad
+    x = torch.arange(width // window_size)[None, :, None, None] * window_size + local[None, None, None, :] - pad
+    inside = ((y >= 0) & (y < height) & (x >= 0) & (x < width)).reshape(-1)
+    flat = (y * width + x).reshape(-1)  # [windows * ows * ows]
+    index = torch.arange(batch)[:, None] * (height * width) + flat[None]
+    return torch.where(inside[None], index, batch * height * width).reshape(-1).to(device)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
