@@ -25,6 +25,7 @@ from hat.upscale import main
 TINY_HAT = tiny_hat_config()
 CPU = torch.device('cpu')
 CUDA = torch.device('cuda')
+REAL_NATIVE_CPU_BF16, REAL_CPU_BF16_SPEEDUP = precision.native_cpu_bf16, precision.cpu_bf16_speedup
 
 
 def native(monkeypatch, feature: str | None) -> None:
@@ -50,6 +51,25 @@ def test_auto_picks_bf16_only_where_it_is_native(monkeypatch):
     native(monkeypatch, 'avx512_bf16')
     chosen = resolve_precision('auto', CPU)
     assert (chosen.name, chosen.dtype) == ('bf16', torch.bfloat16) and 'avx512_bf16' in chosen.reason
+
+
+def test_auto_runs_fp32_where_native_bf16_is_slower_than_fp32(monkeypatch):
+    """An AVX-512 BF16 CPU whose bf16 products run at half the fp32 rate (an Intel Xeon VM without AMX)."""
+    native(monkeypatch, 'avx512_bf16')
+    monkeypatch.setattr(precision, 'cpu_bf16_speedup', lambda: 0.48)
+    chosen = resolve_precision('auto', CPU)
+    assert (chosen.name, chosen.dtype) == ('fp32', None)
+    assert 'avx512_bf16' in chosen.reason and '0.48x' in chosen.reason
+    assert resolve_precision('bf16', CPU).name == 'bf16'  # an explicit request is honoured where bf16 is native
+    monkeypatch.setattr(precision, 'cpu_bf16_speedup', lambda: 1.9)
+    assert resolve_precision('auto', CPU).name == 'bf16' and '1.9x' in resolve_precision('auto', CPU).reason
+
+
+def test_bf16_speedup_is_measured_on_this_cpu():
+    # The real functions (the conftest replaces them by stand-ins during tests).
+    if REAL_NATIVE_CPU_BF16() is None:
+        pytest.skip('this CPU emulates bf16: the measurement would take seconds and is never made here')
+    assert 0.05 < REAL_CPU_BF16_SPEEDUP() < 50
 
 
 def test_auto_on_cuda_follows_the_gpu(monkeypatch):

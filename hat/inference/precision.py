@@ -8,7 +8,13 @@ bf16 only pays where the hardware computes it natively:
   Rapids and later), BF16 on Arm. Everywhere else (AVX2-only x86: Zen 2/3, Intel before Sapphire Rapids) torch
   emulates bf16: a bf16 matmul runs below 1 GFLOP/s and HAT under bf16 autocast is ~25x slower than in fp32.
 
-``auto`` picks bf16 where it is native and fp32 elsewhere. An explicit ``bf16`` on hardware that would emulate it is
+Native is not always faster: on an Intel Xeon whose AVX-512 BF16 was visible but whose AMX was not (a virtual
+machine), oneDNN's bf16 products ran at half the fp32 rate (186 against 385 GFLOP/s, 2 threads) and HAT under bf16
+autocast took 1.7x as long as in fp32. So on the CPU ``auto`` also measures, once per process (a few ms), how much
+faster a bf16 product of HAT's shape runs than an fp32 one (:func:`cpu_bf16_speedup`).
+
+``auto`` picks bf16 where it is native (and, on the CPU, at least :data:`AUTO_BF16_MIN_SPEEDUP` times as fast as
+fp32 in that measurement) and fp32 elsewhere. An explicit ``bf16`` on hardware that would emulate it is
 run in fp32 with one warning that says why, so that option files and command lines stay portable between machines;
 ``HAT_FORCE_BF16=1`` in the environment runs it in bf16 anyway (to reproduce a bf16 result on such a machine).
 ``fp16`` is honoured on CUDA only.
@@ -33,6 +39,10 @@ DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 FORCE_BF16_ENV = 'HAT_FORCE_BF16'
 # x86 /proc/cpuinfo flags that mean native bf16 arithmetic.
 X86_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+# ``auto`` runs bf16 on a CPU only where a bf16 product measured at least this many times as fast as an fp32 one:
+# bf16 autocast adds casts around every product, so an even rate would make HAT slower than in fp32.
+AUTO_BF16_MIN_SPEEDUP = 1.2
 
 _warned: set[str] = set()
 
@@ -116,6 +126,28 @@ def native_cpu_bf16() -> str | None:
     return detect_native_bf16(platform.machine(), cpu_flags(), system=platform.system())
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """How many times as fast a bf16 product runs as an fp32 one on this CPU, measured once per process.
+
+    The product has the shape of HAT's qkv projection of one chunk of tokens ([1024, 192] x [192, 576], 0.23 GFLOP):
+    the best of 5 runs of each precision, interleaved, after one of each (a few ms where bf16 is native; call it only
+    there, where torch emulates bf16 it takes seconds).
+    """
+    import time
+
+    tokens, weight = torch.randn(1024, 192), torch.randn(576, 192)
+    best = {torch.float32: float('inf'), torch.bfloat16: float('inf')}
+    operands = {dtype: (tokens.to(dtype), weight.to(dtype)) for dtype in best}
+    for round_ in range(6):
+        for dtype, (x, w) in operands.items():
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            if round_:  # the first round warms the kernels up
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 def default_device() -> str:
     """``'cuda'`` where a CUDA device is available, else ``'cpu'``."""
     return 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -187,6 +219,12 @@ def resolve_precision(requested: str | None, device: torch.device | str, *, wher
         return Precision('fp16', torch.float16, 'fp16 requested (HAT\'s attention may overflow in fp16)')
     native, why = _native_bf16(device)
     if requested == 'auto':
+        if native and device.type == 'cpu':
+            speedup = cpu_bf16_speedup()
+            if speedup < AUTO_BF16_MIN_SPEEDUP:
+                return Precision('fp32', None, f'auto: {why}, but a bf16 product ran at {speedup:.2f}x the fp32 '
+                                               'rate here, so fp32 is faster')
+            why = f'{why}, bf16 products {speedup:.1f}x as fast as fp32'
         return Precision('bf16', torch.bfloat16, f'auto: {why}') if native else \
             Precision('fp32', None, f'auto: {why}')
     if native:
