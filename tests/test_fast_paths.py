@@ -134,16 +134,49 @@ def product_library(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize('capability, library', [('AVX512', 'onednn'), ('AVX512_BF16', 'onednn'), ('AVX2', 'mkl'),
-                                                 ('DEFAULT', 'mkl')])
-def test_product_library_follows_the_cpu_capability(monkeypatch, capability, library):
+@pytest.mark.parametrize('capability, vendor, library', [
+    ('AVX512', 'AuthenticAMD', 'onednn'), ('AVX512_BF16', 'AuthenticAMD', 'onednn'),  # Zen 4, Zen 5
+    ('AVX512', 'GenuineIntel', 'mkl'), ('AVX512_BF16', 'GenuineIntel', 'mkl'),  # Intel: MKL is at home
+    ('AVX2', 'AuthenticAMD', 'mkl'), ('AVX2', 'GenuineIntel', 'mkl'), ('DEFAULT', '', 'mkl'),
+    ('AVX512', '', 'mkl'),  # an unknown vendor: PyTorch's own choice
+])
+def test_product_library_follows_the_cpu(monkeypatch, capability, vendor, library):
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    monkeypatch.setattr(linear_module, 'cpu_vendor', lambda: vendor)
     monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', True)
     linear_module.cpu_product_library.cache_clear()
     try:
         assert linear_module.cpu_product_library() == library
     finally:
         linear_module.cpu_product_library.cache_clear()
+
+
+@pytest.mark.parametrize('fields, processor, vendor', [
+    ({'vendor_id': 'AuthenticAMD', 'model name': 'AMD EPYC 9B14'}, '', 'AuthenticAMD'),
+    ({}, 'Intel64 Family 6 Model 85 Stepping 7, GenuineIntel', 'GenuineIntel'),  # Windows: no /proc/cpuinfo
+    ({}, 'arm', ''),
+])
+def test_cpu_vendor_from_cpuinfo_or_platform(monkeypatch, fields, processor, vendor):
+    from hat.utils import cpu
+    monkeypatch.setattr(cpu, 'cpuinfo', lambda: fields)
+    monkeypatch.setattr(cpu.platform, 'processor', lambda: processor)
+    assert cpu.cpu_vendor() == vendor
+
+
+def test_cpuinfo_reads_the_first_processor(monkeypatch, tmp_path):
+    from hat.utils import cpu
+    text = ('processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n'
+            'flags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nvendor_id\t: Other\n')
+    (tmp_path / 'cpuinfo').write_text(text)
+    real_path = cpu.Path
+    monkeypatch.setattr(cpu, 'Path', lambda name: real_path(tmp_path / 'cpuinfo') if name == '/proc/cpuinfo' else
+                        real_path(name))
+    cpu.cpuinfo.cache_clear()
+    try:
+        assert cpu.cpu_vendor() == 'GenuineIntel' and cpu.cpu_model() == 'Intel(R) Xeon(R) Processor'
+        assert cpu.cpu_flags() == {'fpu', 'avx2', 'avx512f', 'avx512_bf16'}
+    finally:
+        cpu.cpuinfo.cache_clear()
 
 
 def test_linear_equals_f_linear_on_each_library(product_library):

@@ -26,10 +26,11 @@ import logging
 import os
 import platform
 import subprocess
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from hat.utils.cpu import cpu_flags, cpu_model
 
 logger = logging.getLogger('basicsr')
 
@@ -59,33 +60,6 @@ class Precision(NamedTuple):
     name: str
     dtype: torch.dtype | None
     reason: str
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo ``flags`` on x86, ``Features`` on Arm; empty where unknown)."""
-    try:
-        text = Path('/proc/cpuinfo').read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(':')
-        if key.strip() in ('flags', 'Features'):
-            return frozenset(value.split())
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (``AMD EPYC 9B14``), or the architecture when the system does not say."""
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            key, _, value = line.partition(':')
-            if key.strip() == 'model name' and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or 'unknown CPU'
 
 
 def _macos_arm_bf16() -> bool:
