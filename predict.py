@@ -143,7 +143,8 @@ class Predictor(BaseRunner):
                           description="Tile side in input pixels: 'auto' (the largest tile that fits in memory), "
                           "0 (the whole image at once) or a number such as 256."),
         precision: str = Input(default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
-                               description='auto: bf16 where the GPU or CPU computes it natively, else fp32. fp16 '
+                               description='auto: bf16 where the GPU or CPU computes it natively and faster than '
+                               'fp32, else fp32. fp16 '
                                'runs on CUDA only and may overflow in HAT\'s attention.'),
         self_ensemble: bool = Input(default=False,
                                     description='Average the outputs of the 8 flips and rotations of the image '

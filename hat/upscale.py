@@ -15,7 +15,7 @@ searched for inputs. Grey images stay grey, alpha is upscaled with bicubic inter
 stays 16-bit where the output format holds it, EXIF orientation is applied.
 
 Every run logs the model, the device, the precision (and why: ``auto`` is bf16 where the hardware computes it
-natively, else fp32) and the tile policy; with ``--tile auto`` each image's chosen tile too.
+natively and faster, else fp32) and the tile policy; with ``--tile auto`` each image's chosen tile too.
 
 Exit status: 0 when every image was written; 1 when some could not be read, upscaled or written (each is logged with
 its path and the reason, and the others are processed); 2 for bad arguments (missing model or input, an
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='memory budget of --tile auto, in GiB (default: 80%% of the free GPU memory, 50%% of the '
                         'available RAM on the CPU)')
     parser.add_argument('--precision', choices=PRECISION_CHOICES, default='auto',
-                        help='auto (default: bf16 where the GPU or CPU computes it natively, else fp32), fp32, bf16 '
+                        help='auto (default: bf16 where the GPU or CPU computes it natively and faster, else fp32), '
+                        'fp32, bf16 '
                         '(runs fp32 with a warning where bf16 would be emulated; HAT_FORCE_BF16=1 forces it) or fp16 '
                         '(CUDA only; HAT may overflow)')
     parser.add_argument('--device', default=None,

@@ -271,6 +271,8 @@ def test_window_attention_in_chunks_equals_the_whole_maps(product_library, shift
     with torch.no_grad():
         assert block.attn.attends_in_chunks(x)
         torch.testing.assert_close(block(*args), whole.detach(), atol=1e-5, rtol=1e-5)
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # fp32 tokens, bf16 projections
+            torch.testing.assert_close(block(*args).float(), whole.detach(), atol=0.05, rtol=0.05)
 
 
 def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
@@ -284,6 +286,8 @@ def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
     with torch.no_grad():
         assert block.attends_in_chunks(x)
         torch.testing.assert_close(block(*args), whole.detach(), atol=1e-5, rtol=1e-5)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            torch.testing.assert_close(block(*args).float(), whole.detach(), atol=0.05, rtol=0.05)
 
 
 def test_mlp_keeps_dropout_after_the_fused_gelu():

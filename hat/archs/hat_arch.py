@@ -279,7 +279,7 @@ class WindowAttention(HeadAttention):
         n, heads = self.window_size * self.window_size, self.num_heads
         bias = self.gathered_bias(rpi, n, n)
         per_chunk = max(1, token_linear.ROW_CHUNK // n)  # windows
-        out = tokens.new_empty(tokens.shape[0], self.proj.out_features)
+        out = None  # made at the first chunk, in the dtype of its projection (bf16 under autocast)
         first = 0
         for count, mask in groups:
             group_mask = bias if mask is None else bias + mask  # one sum per group instead of one per chunk
@@ -288,8 +288,10 @@ class WindowAttention(HeadAttention):
                 qkv, d = self.project_qkv(tokens.index_select(0, rows))
                 q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
                 attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
-                attended = self.project_out(attended.transpose(1, 2).reshape(-1, heads * d))
-                out.index_copy_(0, rows, self.proj_drop(attended))
+                attended = self.proj_drop(self.project_out(attended.transpose(1, 2).reshape(-1, heads * d)))
+                if out is None:
+                    out = attended.new_empty(tokens.shape[0], attended.shape[-1])
+                out.index_copy_(0, rows, attended)
             first += count
         return out
 
@@ -386,7 +388,7 @@ class OCAB(HeadAttention):
         n_windows = order.gather.numel() // n_q
         in_chunks = self.attends_in_chunks(tokens)
         per_chunk = max(1, token_linear.ROW_CHUNK // n_q) if in_chunks else n_windows
-        attended = tokens.new_empty(tokens.shape) if in_chunks else None
+        attended = None
         for start in range(0, n_windows, per_chunk):
             stop = min(start + per_chunk, n_windows)
             rows = order.gather[start * n_q:stop * n_q]
@@ -398,6 +400,8 @@ class OCAB(HeadAttention):
             out = attention(q, k, v, attn_bias, scale=self.scale, fused=self.fused_attn)
             out = self.project_out(out.transpose(1, 2).reshape(-1, inner))
             if in_chunks:
+                if attended is None:  # in the dtype of the projection (bf16 under autocast)
+                    attended = out.new_empty(tokens.shape[0], out.shape[-1])
                 attended.index_copy_(0, rows, out)
             else:
                 attended = out.index_select(0, order.scatter)
