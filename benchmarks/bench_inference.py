@@ -64,7 +64,7 @@ import torch  # noqa: E402
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
-from hat.inference.precision import device_description, resolve_precision  # noqa: E402
+from hat.inference.precision import device_description, native_bf16  # noqa: E402
 
 MANIFESTS = ROOT / 'tests' / 'data' / 'golden'
 VARIANTS = ('HAT-S', 'HAT', 'HAT-L')
@@ -146,8 +146,8 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, *, onednn: bool = Fals
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (the project's precision policy: ``auto`` picks bf16 there)."""
-    return resolve_precision('auto', device).name == 'bf16'
+    """Whether ``device`` computes bf16 natively (where ``auto`` may pick it, if it is also faster than fp32)."""
+    return native_bf16(device)[0]
 
 
 def default_paths(device: torch.device, paths=DEFAULT_PATHS, bf16_paths=BF16_PATHS) -> tuple[str, ...]:

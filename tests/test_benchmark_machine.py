@@ -29,6 +29,11 @@ def test_default_paths_include_native_bf16(monkeypatch):
     monkeypatch.setattr(precision, 'native_cpu_bf16', lambda: 'avx512_bf16')
     assert bench_inference.parse_args([]).paths == ['official', 'fp32', 'bf16', 'compile']
     assert bench_train.parse_args(['--quick']).modes == ['official', 'fp32', 'bf16']
+    # native but slower than fp32 (auto runs fp32 there): still timed, and not called emulated
+    monkeypatch.setattr(precision, 'cpu_bf16_speedup', lambda: 0.5)
+    assert precision.resolve_precision('auto', 'cpu').name == 'fp32'
+    assert bench_inference.parse_args([]).paths == ['official', 'fp32', 'bf16', 'compile']
+    assert bench_inference.bf16_is_native(torch.device('cpu'))
 
 
 def test_bf16_matmul_rate_is_measured_only_when_asked(monkeypatch):

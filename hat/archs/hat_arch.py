@@ -515,8 +515,9 @@ class HAT(nn.Module):
     on fused kernels with one mask shared by a group of windows, the cyclic shift and the window partition as one
     row gather (:func:`hat.archs.window.window_order`), a contiguous channels-last token stream, fp32 CPU linear
     layers on the library that suits the CPU and in row chunks (:mod:`hat.archs.linear`), head sizes aligned to 8
-    for the CPU flash kernel (:class:`HeadAttention`), bf16 autocast on oneDNN's bf16 kernels, ``compile_blocks``
-    for torch.compile.
+    for the CPU flash kernel (:class:`HeadAttention`), CPU inference attending a few windows at a time from the
+    token maps to the output (:meth:`HeadAttention.attends_in_chunks`), bf16 autocast on oneDNN's bf16 kernels,
+    ``compile_blocks`` for torch.compile.
     """
 
     def __init__(self, *, img_size: int | Sequence[int] = 64, patch_size: int = 1, in_chans: int = 3,

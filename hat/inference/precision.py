@@ -149,8 +149,10 @@ def device_description(device: torch.device | str) -> str:
     return str(device)
 
 
-def _native_bf16(device: torch.device) -> tuple[bool, str]:
-    """(whether bf16 is native on ``device``, the reason in words)."""
+def native_bf16(device: torch.device | str) -> tuple[bool, str]:
+    """(whether ``device`` computes bf16 natively, the reason in words). Native is not always faster than fp32 on a
+    CPU: :func:`resolve_precision` measures that for ``auto``."""
+    device = torch.device(device)
     if device.type == 'cuda':
         if torch.cuda.is_bf16_supported():
             return True, 'the GPU supports bf16'
@@ -191,7 +193,7 @@ def resolve_precision(requested: str | None, device: torch.device | str, *, wher
             raise ValueError(f'{where}: fp16 needs CUDA (this run uses {device.type}); use {where}{sep}bf16, auto '
                              'or fp32 instead')
         return Precision('fp16', torch.float16, 'fp16 requested (HAT\'s attention may overflow in fp16)')
-    native, why = _native_bf16(device)
+    native, why = native_bf16(device)
     if requested == 'auto':
         if native and device.type == 'cpu':
             speedup = cpu_bf16_speedup()
