@@ -333,8 +333,10 @@ class HAB(nn.Module):
                   for count, last_row, last_col in order.groups]
         attn_x = self.attn.attend_map(x.reshape(b * h * w, c), order, rpi_sa, groups).view(b, h * w, c)
 
-        x = shortcut + self.drop_path(attn_x)
-        x.add_(conv_x, alpha=self.conv_scale)  # in place: one pass and one map less than adding conv_x * conv_scale
+        # In place on the branch outputs, which nothing needs again: no fresh map for the sums (commutative, so the
+        # values are those of shortcut + attn_x), and adding conv_x * conv_scale takes one pass.
+        x = self.drop_path(attn_x).add_(shortcut)
+        x.add_(conv_x, alpha=self.conv_scale)
         # Locals live until the return: free the branch outputs before the MLP, whose hidden map is the widest
         # tensor of the block (lower inference peak; autograd keeps what backward needs anyway).
         del shortcut, conv_x, attn_x
@@ -409,7 +411,7 @@ class OCAB(HeadAttention):
         # through the MLP below.
         del kv_rows, q, kv, k, v, out
 
-        x = attended.view(b, h * w, c) + x
+        x = attended.view(b, h * w, c).add_(x)  # in place, as in HAB
         return self.mlp.residual_forward(x, self.norm2)
 
     def _key_value_rows(self, tokens: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -469,7 +471,7 @@ class RHAG(nn.Module):
         # The conv reads and writes the token layout as a channels-last map, so the residual stream stays
         # contiguous: a transposed stream would make every LayerNorm and addition of the next group copy.
         y = self.conv(y.reshape(b, *x_size, c).permute(0, 3, 1, 2))
-        return y.permute(0, 2, 3, 1).reshape(b, -1, c) + x
+        return y.permute(0, 2, 3, 1).reshape(b, -1, c).add_(x)  # in place on the conv's output
 
 
 class PatchEmbed(nn.Module):
