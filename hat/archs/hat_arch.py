@@ -184,8 +184,7 @@ class HeadAttention(nn.Module):
         allocated: on the CPU a fresh multi-MB buffer costs a page fault per 4 KiB on its first write, which on some
         machines took as long as the products that filled it. Autograd and torch.compile take the whole maps.
         """
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)
-        return x.device.type == 'cpu' and not needs_grad and not compiling()
+        return x.device.type == 'cpu' and not self.qkv._needs_grad(x) and not compiling()
 
     def _aligned_projections(self) -> tuple[Tensor, Tensor | None, Tensor]:
         """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8])."""
@@ -382,7 +381,9 @@ class OCAB(HeadAttention):
         tokens = self.norm1(x).reshape(b * h * w, c)
         weight, bias, d = self.qkv_layout(tokens)
         inner = heads * d
-        kv_rows = self._key_value_rows(tokens, weight[inner:], None if bias is None else bias[inner:])
+        q_weight, kv_weight = weight[:inner], weight[inner:]
+        q_bias, kv_bias = (None, None) if bias is None else (bias[:inner], bias[inner:])
+        kv_rows = self._key_value_rows(tokens, kv_weight, kv_bias)
         kv_index = overlapping_window_index(b, h, w, ws, ows, x.device)  # enlarged windows, as rows of kv_rows
         order = window_order(b, h, w, ws, 0, x.device)  # the windows of queries, in the same order
         attn_bias = self.gathered_bias(rpi_oca, n_q, n_k)
@@ -394,8 +395,7 @@ class OCAB(HeadAttention):
         for start in range(0, n_windows, per_chunk):
             stop = min(start + per_chunk, n_windows)
             rows = order.gather[start * n_q:stop * n_q]
-            q = self.qkv.forward_with(tokens.index_select(0, rows), weight[:inner],
-                                      None if bias is None else bias[:inner])
+            q = self.qkv.forward_with(tokens.index_select(0, rows), q_weight, q_bias)
             q = q.view(-1, n_q, heads, d).transpose(1, 2)  # [w, heads, ws*ws, d]
             kv = kv_rows.index_select(0, kv_index[start * n_k:stop * n_k])
             k, v = kv.view(-1, n_k, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [w, heads, ows*ows, d]

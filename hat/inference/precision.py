@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 from typing import NamedTuple
 
 import torch
@@ -108,8 +109,6 @@ def cpu_bf16_speedup() -> float:
     the best of 5 runs of each precision, interleaved, after one of each (a few ms where bf16 is native; call it only
     there, where torch emulates bf16 it takes seconds).
     """
-    import time
-
     tokens, weight = torch.randn(1024, 192), torch.randn(576, 192)
     best = {torch.float32: float('inf'), torch.bfloat16: float('inf')}
     operands = {dtype: (tokens.to(dtype), weight.to(dtype)) for dtype in best}
