@@ -130,6 +130,7 @@ def product_library(request, monkeypatch):
     if request.param == 'onednn' and not torch.backends.mkldnn.is_available():
         pytest.skip('this PyTorch has no oneDNN')
     monkeypatch.setattr(linear_module, 'cpu_product_library', lambda: request.param)
+    monkeypatch.setattr(linear_module, 'fresh_product_library', lambda: request.param)
     monkeypatch.setattr(linear_module, 'ROW_CHUNK', 5)
     return request.param
 
@@ -149,6 +150,27 @@ def test_product_library_follows_the_cpu(monkeypatch, capability, vendor, librar
         assert linear_module.cpu_product_library() == library
     finally:
         linear_module.cpu_product_library.cache_clear()
+
+
+@pytest.mark.parametrize('capability, vendor, library', [
+    ('AVX512', 'AuthenticAMD', 'onednn'), ('AVX512_BF16', 'GenuineIntel', 'onednn'), ('AVX512', '', 'onednn'),
+    ('AVX2', 'AuthenticAMD', 'mkl'), ('AVX2', 'GenuineIntel', 'mkl'), ('DEFAULT', '', 'mkl'),
+])
+def test_fresh_products_take_onednn_wherever_it_runs_avx512(monkeypatch, capability, vendor, library):
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    monkeypatch.setattr(linear_module, 'cpu_vendor', lambda: vendor)
+    monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', True)
+    for cached in (linear_module.cpu_product_library, linear_module.fresh_product_library):
+        cached.cache_clear()
+    try:
+        assert linear_module.fresh_product_library() == library
+        monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', False)  # a PyTorch without oneDNN's linear
+        linear_module.fresh_product_library.cache_clear()
+        linear_module.cpu_product_library.cache_clear()
+        assert linear_module.fresh_product_library() == 'mkl'
+    finally:
+        for cached in (linear_module.cpu_product_library, linear_module.fresh_product_library):
+            cached.cache_clear()
 
 
 @pytest.mark.parametrize('fields, processor, vendor', [

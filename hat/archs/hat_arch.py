@@ -79,6 +79,10 @@ class ChannelAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * self.attention(x)
 
+    def weights(self, x: Tensor) -> Tensor:
+        """The per-channel weights that :meth:`forward` multiplies x by: [B, C, H, W] -> [B, C, 1, 1]."""
+        return self.attention(x)
+
 
 class CAB(nn.Module):
     """Channel attention block: conv (compress) -> GELU -> conv (expand) -> channel attention.
@@ -97,6 +101,14 @@ class CAB(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cab(x)
+
+    def features_and_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two factors of :meth:`forward`, unmultiplied, so that a caller can fold the product into a sum.
+
+        x: [B, C, H, W] -> (features [B, C, H, W] in x's memory format, channel weights [B, C, 1, 1]).
+        """
+        features = self.cab[:3](x)
+        return features, self.cab[3].weights(features)
 
 
 class HeadAttention(nn.Module):
@@ -324,7 +336,7 @@ class HAB(nn.Module):
         x = self.norm1(x)
 
         # The conv reads the tokens as a channels-last map (a view) and writes the same layout.
-        conv_x = self.conv_block(x.view(b, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        conv_features, channel_weights = self.conv_block.features_and_weights(x.view(b, h, w, c).permute(0, 3, 1, 2))
 
         # Cyclic shift and window partition in one gather; windows grouped by the shift mask they need.
         order = window_order(b, h, w, self.window_size, self.shift_size, x.device)
@@ -333,12 +345,14 @@ class HAB(nn.Module):
         attn_x = self.attn.attend_map(x.reshape(b * h * w, c), order, rpi_sa, groups).view(b, h * w, c)
 
         # In place on the branch outputs, which nothing needs again: no fresh map for the sums (commutative, so the
-        # values are those of shortcut + attn_x), and adding conv_x * conv_scale takes one pass.
+        # values are those of shortcut + attn_x), and the CAB's channel weighting and conv_scale join the sum in one
+        # pass (x + conv_scale * features * weights: the official conv_scale * (features * weights) up to rounding).
         x = self.drop_path(attn_x).add_(shortcut)
-        x.add_(conv_x, alpha=self.conv_scale)
+        x.view(b, h, w, c).addcmul_(conv_features.permute(0, 2, 3, 1), channel_weights.view(b, 1, 1, c),
+                                    value=self.conv_scale)
         # Locals live until the return: free the branch outputs before the MLP, whose hidden map is the widest
         # tensor of the block (lower inference peak; autograd keeps what backward needs anyway).
-        del shortcut, conv_x, attn_x
+        del shortcut, conv_features, attn_x
         if self.drop_path.active and self.training:
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return self.mlp.residual_forward(x, self.norm2)
