@@ -50,6 +50,25 @@ def test_window_order_is_roll_and_partition_grouped_by_mask(batch, h, w, shift):
     assert len(order.groups) == (1 if not shift else (1 + (n_rows > 1)) * (1 + (n_cols > 1)))
 
 
+@pytest.mark.parametrize('ws, shift, run', [(4, 2, 2), (4, 0, 4), (6, 2, 2), (6, 3, 3), (8, 4, 4)])
+def test_window_order_moves_whole_runs_as_the_token_gather_does(ws, shift, run):
+    batch, h, w = 2, 3 * ws, 2 * ws
+    tokens = torch.randn(batch * h * w, 5)
+    order = window_order(batch, h, w, ws, shift, torch.device('cpu'))
+    assert order.run == run
+    windows = tokens.index_select(0, order.gather)
+    assert torch.equal(order.take(tokens), windows)
+    n = ws * ws
+    assert torch.equal(order.take(tokens, 2 * n, 5 * n), windows[2 * n:5 * n])
+    assert torch.equal(order.restore(windows), tokens)
+    out = torch.full_like(tokens, 7.0)
+    order.put(out, windows[n:4 * n], n)  # windows 1..3 back at their tokens' rows, nothing else written
+    written = torch.zeros(tokens.shape[0], dtype=torch.bool)
+    written[order.gather[n:4 * n]] = True
+    assert torch.equal(out[written], tokens[written])
+    assert torch.all(out[~written] == 7.0)
+
+
 def _official_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     img = torch.zeros(1, h, w, 1)
     label = 0

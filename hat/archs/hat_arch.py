@@ -286,7 +286,7 @@ class WindowAttention(HeadAttention):
             [B * H * W, C].
         """
         if not self.attends_in_chunks(tokens):
-            return self(tokens.index_select(0, order.gather), rpi, groups).index_select(0, order.scatter)
+            return order.restore(self(order.take(tokens), rpi, groups))
         n, heads = self.window_size * self.window_size, self.num_heads
         bias = self.gathered_bias(rpi, n, n)
         per_chunk = max(1, token_linear.ROW_CHUNK // n)  # windows
@@ -295,14 +295,13 @@ class WindowAttention(HeadAttention):
         for count, mask in groups:
             group_mask = bias if mask is None else bias + mask  # one sum per group instead of one per chunk
             for start in range(first, first + count, per_chunk):
-                rows = order.gather[start * n:min(start + per_chunk, first + count) * n]
-                qkv, d = self.project_qkv(tokens.index_select(0, rows))
+                qkv, d = self.project_qkv(order.take(tokens, start * n, min(start + per_chunk, first + count) * n))
                 q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
                 attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
                 attended = self.proj_drop(self.project_out(attended.transpose(1, 2).reshape(-1, heads * d)))
                 if out is None:
                     out = attended.new_empty(tokens.shape[0], attended.shape[-1])
-                out.index_copy_(0, rows, attended)
+                order.put(out, attended, start * n)
             first += count
         return out
 
@@ -408,8 +407,7 @@ class OCAB(HeadAttention):
         attended = None
         for start in range(0, n_windows, per_chunk):
             stop = min(start + per_chunk, n_windows)
-            rows = order.gather[start * n_q:stop * n_q]
-            q = self.qkv.forward_with(tokens.index_select(0, rows), q_weight, q_bias)
+            q = self.qkv.forward_with(order.take(tokens, start * n_q, stop * n_q), q_weight, q_bias)
             q = q.view(-1, n_q, heads, d).transpose(1, 2)  # [w, heads, ws*ws, d]
             kv = kv_rows.index_select(0, kv_index[start * n_k:stop * n_k])
             k, v = kv.view(-1, n_k, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [w, heads, ows*ows, d]
@@ -418,9 +416,9 @@ class OCAB(HeadAttention):
             if in_chunks:
                 if attended is None:  # in the dtype of the projection (bf16 under autocast)
                     attended = out.new_empty(tokens.shape[0], out.shape[-1])
-                attended.index_copy_(0, rows, out)
+                order.put(attended, out, start * n_q)
             else:
-                attended = out.index_select(0, order.scatter)
+                attended = order.restore(out)
         # The keys/values (and, in one piece, the enlarged windows: 2.25x the map, twice) would otherwise stay alive
         # through the MLP below.
         del kv_rows, q, kv, k, v, out

