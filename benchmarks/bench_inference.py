@@ -31,8 +31,11 @@ Method:
   On CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the forward.
 * FLOPs: counted once per configuration with ``torch.utils.flop_counter`` on the meta device (matrix products and
   convolutions, 2 FLOPs per multiply-add); achieved GFLOP/s = FLOPs / median time, and its share of the machine's
-  matrix-multiply rate (2048 x 2048 products in fp32 and bf16, measured at the start and the end of the run; fp32
-  both with ``torch.matmul`` and with the oneDNN kernel of our ``Linear``, which differ by 2x on AMD CPUs).
+  matrix-multiply rate: 2048 x 2048 products in fp32 (both with ``torch.matmul`` and with the oneDNN kernel of our
+  ``Linear``, which differ by 2x on AMD CPUs; the better counts) and, when a bf16 path runs, bf16. They are timed at
+  the start and the end of the run and once in every round, right after the round's forwards: the share is the
+  median over the rounds of each round's GFLOP/s over the rate of that round, so that a shared machine slowing down
+  (or speeding up) during the run moves numerator and denominator together.
 * Checks: the largest absolute difference of each fp32 path's output from the baseline's, and the PSNR of each
   bf16 path's output against our fp32 output, with the fp32 output's range as the peak.
 * Weights: random (the networks' own initialisation, seeded) unless ``--weights`` gives a checkpoint; the input is a
@@ -155,11 +158,19 @@ def default_paths(device: torch.device, paths=DEFAULT_PATHS, bf16_paths=BF16_PAT
     return tuple(p for p in paths if p not in bf16_paths or bf16_is_native(device))
 
 
-def matmul_rates(device: torch.device, *, bf16: bool) -> dict:
+def matmul_rates(device: torch.device, *, bf16: bool, repeats: int = 5) -> dict:
     """GFLOP/s of 2048x2048 products: fp32 (torch.matmul and oneDNN), and bf16 only when ``bf16`` is asked (an
     emulated bf16 product takes minutes)."""
-    return {'fp32': matmul_rate(torch.float32, device), 'fp32-onednn': matmul_rate(torch.float32, device, onednn=True),
-            'bf16': matmul_rate(torch.bfloat16, device) if bf16 else None}
+    return {'fp32': matmul_rate(torch.float32, device, repeats=repeats),
+            'fp32-onednn': matmul_rate(torch.float32, device, onednn=True, repeats=repeats),
+            'bf16': matmul_rate(torch.bfloat16, device, repeats=repeats) if bf16 else None}
+
+
+def peak_rate(path: str, rates: dict) -> float | None:
+    """The matrix-product rate a path is measured against: bf16's for the bf16 paths, else the better fp32 one."""
+    if path in BF16_PATHS:
+        return rates['bf16']
+    return max(rates['fp32'] or 0, rates['fp32-onednn'] or 0) or None
 
 
 def machine_line(device: torch.device) -> str:
@@ -284,6 +295,7 @@ def publish(lines: list[str], out: str | None) -> str:
 @dataclass
 class PathResult:
     times: list = field(default_factory=list)
+    round_rates: list = field(default_factory=list)  # GFLOP/s of the matrix product of the path's precision, per round
     setup_s: float = 0.0
     error: str | None = None
     output: torch.Tensor | None = None
@@ -322,6 +334,7 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
             results[path].error = f'{type(error).__name__}: {str(error).splitlines()[0][:120]}'
             print(f'  {path}: skipped ({results[path].error})', file=sys.stderr)
         results[path].setup_s = time.perf_counter() - start
+    timing_bf16 = any(p in BF16_PATHS for p in forwards)
     for _ in range(args.repeats):
         for path, forward in forwards.items():
             synchronize(device)
@@ -329,6 +342,9 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
             forward(x)
             synchronize(device)
             results[path].times.append(time.perf_counter() - start)
+        round_rates = matmul_rates(device, bf16=timing_bf16, repeats=2)
+        for path in forwards:
+            results[path].round_rates.append(peak_rate(path, round_rates))
     if not args.no_memory:
         for path in forwards:
             results[path].peak_mib = measure_memory(variant, size, path, device, args.threads, args.memory_timeout)
@@ -338,6 +354,16 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
 # ----- report -----
 def fmt(value: float | None, spec: str, missing: str = '-') -> str:
     return missing if value is None else format(value, spec)
+
+
+def matmul_share(path: str, flops: float, res: PathResult, rates: dict) -> float:
+    """The path's achieved rate as a share of the matrix-product rate: the median over the rounds of each round's
+    GFLOP/s over the rate measured in that round, or (rounds without a rate) the median time against the run's
+    ``rates`` (see :func:`matmul_rates`)."""
+    shares = [flops / 1e9 / t / r for t, r in zip(res.times, res.round_rates) if r]
+    if shares and len(shares) == len(res.times):
+        return statistics.median(shares)
+    return flops / 1e9 / res.median / peak_rate(path, rates)
 
 
 def report_rows(variant: str, size: int, flops: float, results: dict[str, PathResult], rates: dict) -> list[str]:
@@ -351,8 +377,8 @@ def report_rows(variant: str, size: int, flops: float, results: dict[str, PathRe
             continue
         speed = base.median / res.median if base_ok else None
         gflops = flops / res.median / 1e9
-        peak_rate = rates['bf16'] if path in BF16_PATHS else max(rates['fp32'], rates['fp32-onednn'] or 0)
-        share = f'{gflops:.0f} ({100 * gflops / peak_rate:.0f}%)' if peak_rate else f'{gflops:.0f}'
+        share = f'{gflops:.0f} ({100 * matmul_share(path, flops, res, rates):.0f}%)' if peak_rate(path, rates) else \
+            f'{gflops:.0f}'
         mem_ratio = (res.peak_mib / base.peak_mib if base_ok and res.peak_mib is not None and base.peak_mib
                      else None)
         if path in BF16_PATHS:
@@ -447,8 +473,9 @@ def main(argv: list[str] | None = None) -> str:
         'Matrix-multiply rate (2048x2048, GFLOP/s at the start / end of the run): fp32 torch.matmul '
         f'{rates_start["fp32"]:.0f} / {rates_end["fp32"]:.0f}, fp32 oneDNN {fmt(rates_start["fp32-onednn"], ".0f")} '
         f'/ {fmt(rates_end["fp32-onednn"], ".0f")}, bf16 {fmt(rates_start["bf16"], ".0f", "not measured")} / '
-        f'{fmt(rates_end["bf16"], ".0f", "not measured")}. The % '
-        'column is against the best of these for the precision of the path.',
+        f'{fmt(rates_end["bf16"], ".0f", "not measured")}. The % column: '
+        'each round\'s GFLOP/s against the rate of the same product measured right after that round (the better fp32 '
+        'one for fp32 paths), median over the rounds.',
         '',
         '| variant | LR size | path | median s | best s | speed-up vs official | GFLOP/s (% of matmul) '
         '| peak MiB | memory vs official | check |',

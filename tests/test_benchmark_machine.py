@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -53,3 +54,15 @@ def test_table_header_names_the_cpu(monkeypatch):
     assert line == 'CPU: AMD EPYC 7B13, 1 threads, torch capability AVX2, native bf16: no (emulated)'
     monkeypatch.setattr(precision, 'native_cpu_bf16', lambda: 'avx512_bf16')
     assert 'native bf16: yes (avx512_bf16)' in bench_inference.machine_line(torch.device('cpu'))
+
+
+def test_matmul_share_follows_the_rate_of_each_round():
+    # 100 GFLOP: a round of 1 s at a rate of 200 is 50%, a slowed-down round of 2 s at a rate of 100 is 50% too
+    res = bench_inference.PathResult(times=[1.0, 2.0, 1.0], round_rates=[200.0, 100.0, 400.0])
+    rates = {'fp32': 1000.0, 'fp32-onednn': None, 'bf16': None}
+    assert bench_inference.matmul_share('fp32', 100e9, res, rates) == pytest.approx(0.5)
+    # rounds without a rate of their own: the median time against the run's rate (best fp32 library)
+    res = bench_inference.PathResult(times=[1.0, 2.0, 4.0])
+    assert bench_inference.matmul_share('fp32', 100e9, res, {'fp32': 50.0, 'fp32-onednn': 100.0}) == pytest.approx(0.5)
+    assert bench_inference.peak_rate('bf16', {'fp32': 1.0, 'fp32-onednn': 2.0, 'bf16': 3.0}) == 3.0
+    assert bench_inference.peak_rate('fp32', {'fp32': 1.0, 'fp32-onednn': 2.0, 'bf16': 3.0}) == 2.0
