@@ -248,7 +248,14 @@ def test_mlp_in_chunks_equals_the_layer_by_layer_computation(product_library):
     with torch.no_grad():
         torch.testing.assert_close(mlp(norm(x)), want, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(mlp.residual_forward(x, norm), x + want, atol=1e-6, rtol=1e-6)
+        inputs = x.clone()
+        out = mlp.residual_forward(inputs, norm, in_place=True)  # each chunk written over the rows it read
+        assert out.data_ptr() == inputs.data_ptr()
+        torch.testing.assert_close(out, x + want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(mlp.residual_forward(x, norm), x + want, atol=1e-6, rtol=1e-6)  # with autograd
+    inputs = x.clone().requires_grad_()
+    torch.testing.assert_close(mlp.residual_forward(inputs, norm, in_place=True), x + want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(inputs, x)  # autograd: never in place
 
 
 def test_head_aligned_projections_compute_the_same_attention():
@@ -309,11 +316,13 @@ def test_window_attention_in_chunks_equals_the_whole_maps(product_library, shift
     args = (x, size, relative_position_index_sa(4), shift_mask_patterns(4, 2))
     whole = block(*args)  # autograd: the weights need gradients
     assert block.attn.attends_in_chunks(x) is False
+    x_before = x.clone()
     with torch.no_grad():
         assert block.attn.attends_in_chunks(x)
         torch.testing.assert_close(block(*args), whole.detach(), atol=1e-5, rtol=1e-5)
         with torch.autocast('cpu', dtype=torch.bfloat16):  # fp32 tokens, bf16 projections
             torch.testing.assert_close(block(*args).float(), whole.detach(), atol=0.05, rtol=0.05)
+    assert torch.equal(x, x_before)  # the block writes over its own maps only, never its input
 
 
 def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
@@ -324,11 +333,13 @@ def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
     x, size = torch.randn(2, 8 * 12, 12), (8, 12)
     args = (x, size, relative_position_index_oca(4, 0.5))
     whole = block(*args)
+    x_before = x.clone()
     with torch.no_grad():
         assert block.attends_in_chunks(x)
         torch.testing.assert_close(block(*args), whole.detach(), atol=1e-5, rtol=1e-5)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             torch.testing.assert_close(block(*args).float(), whole.detach(), atol=0.05, rtol=0.05)
+    assert torch.equal(x, x_before)
 
 
 def test_mlp_keeps_dropout_after_the_fused_gelu():

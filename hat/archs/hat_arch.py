@@ -274,23 +274,25 @@ class WindowAttention(HeadAttention):
         return self.proj_drop(self.project_out(out.reshape(-1, heads * d)))
 
     def attend_map(self, tokens: Tensor, order: WindowOrder, rpi: Tensor,
-                   groups: Sequence[tuple[int, Tensor | None]]) -> Tensor:
+                   groups: Sequence[tuple[int, Tensor | None]], *, in_place: bool = False) -> Tensor:
         """Attention over the (shifted) windows of whole maps, each output at its token's place in the maps.
 
         Args:
-            tokens: [B * H * W, C] of the maps, flat (unshifted).
+            tokens: [B * H * W, C] of the maps, flat (unshifted), contiguous.
             order: the maps' :func:`~hat.archs.window.window_order`.
             rpi: [N, N] relative position index.
             groups: the windows of ``order`` by mask, as in :meth:`forward`.
+            in_place: where attention runs in chunks (:meth:`attends_in_chunks`), write each chunk's output over
+                the rows of ``tokens`` it has just read (for callers done with ``tokens``): no fresh map.
         Returns:
-            [B * H * W, C].
+            [B * H * W, C] (``tokens`` itself when written in place).
         """
         if not self.attends_in_chunks(tokens):
             return order.restore(self(order.take(tokens), rpi, groups))
         n, heads = self.window_size * self.window_size, self.num_heads
         bias = self.gathered_bias(rpi, n, n)
         per_chunk = max(1, token_linear.ROW_CHUNK // n)  # windows
-        out = None  # made at the first chunk, in the dtype of its projection (bf16 under autocast)
+        out = None  # chosen at the first chunk, in the dtype of its projection (bf16 under autocast)
         first = 0
         for count, mask in groups:
             group_mask = bias if mask is None else bias + mask  # one sum per group instead of one per chunk
@@ -300,7 +302,8 @@ class WindowAttention(HeadAttention):
                 attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
                 attended = self.proj_drop(self.project_out(attended.transpose(1, 2).reshape(-1, heads * d)))
                 if out is None:
-                    out = attended.new_empty(tokens.shape[0], attended.shape[-1])
+                    out = tokens if in_place and attended.dtype == tokens.dtype else \
+                        attended.new_empty(tokens.shape[0], attended.shape[-1])
                 order.put(out, attended, start * n)
             first += count
         return out
@@ -341,7 +344,8 @@ class HAB(nn.Module):
         order = window_order(b, h, w, self.window_size, self.shift_size, x.device)
         groups = [(count, shift_patterns[last_row, last_col] if (last_row or last_col) else None)
                   for count, last_row, last_col in order.groups]
-        attn_x = self.attn.attend_map(x.reshape(b * h * w, c), order, rpi_sa, groups).view(b, h * w, c)
+        # The normalised tokens are done with once the CAB has read them: attention may write over them.
+        attn_x = self.attn.attend_map(x.reshape(b * h * w, c), order, rpi_sa, groups, in_place=True).view(b, h * w, c)
 
         # In place on the branch outputs, which nothing needs again: no fresh map for the sums (commutative, so the
         # values are those of shortcut + attn_x), and the CAB's channel weighting and conv_scale join the sum in one
@@ -354,7 +358,7 @@ class HAB(nn.Module):
         del shortcut, conv_features, attn_x
         if self.drop_path.active and self.training:
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        return self.mlp.residual_forward(x, self.norm2)
+        return self.mlp.residual_forward(x, self.norm2, in_place=True)  # x is this block's own sum
 
 
 class OCAB(HeadAttention):
@@ -414,8 +418,8 @@ class OCAB(HeadAttention):
             out = attention(q, k, v, attn_bias, scale=self.scale, fused=self.fused_attn)
             out = self.project_out(out.transpose(1, 2).reshape(-1, inner))
             if in_chunks:
-                if attended is None:  # in the dtype of the projection (bf16 under autocast)
-                    attended = out.new_empty(tokens.shape[0], out.shape[-1])
+                if attended is None:  # over the normalised tokens (read already), unless autocast made it bf16
+                    attended = tokens if out.dtype == tokens.dtype else out.new_empty(tokens.shape[0], out.shape[-1])
                 order.put(attended, out, start * n_q)
             else:
                 attended = order.restore(out)
@@ -424,7 +428,7 @@ class OCAB(HeadAttention):
         del kv_rows, q, kv, k, v, out
 
         x = attended.view(b, h * w, c).add_(x)  # in place, as in HAB
-        return self.mlp.residual_forward(x, self.norm2)
+        return self.mlp.residual_forward(x, self.norm2, in_place=True)
 
     def _key_value_rows(self, tokens: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The keys and values of all tokens and one zero row after them (the padding of the enlarged windows, see

@@ -217,11 +217,17 @@ class Mlp(nn.Module):
             return map_row_chunks(x, self.fc2.out_features, lambda rows, out: self._fill_chunk(out, rows))
         return self.drop(self.fc2(self.drop(self.fc1.forward_gelu(x))))
 
-    def residual_forward(self, x: Tensor, norm: nn.Module) -> Tensor:
-        """``x + self(norm(x))``. x: [..., C] -> [..., C]."""
+    def residual_forward(self, x: Tensor, norm: nn.Module, *, in_place: bool = False) -> Tensor:
+        """``x + self(norm(x))``. x: [..., C] -> [..., C].
+
+        ``in_place``: where the MLP runs in chunks, write the result over x (contiguous), each chunk over the rows it
+        has just read (for callers done with x): no fresh map.
+        """
         if not self._runs_in_chunks(x):
             return x + self(norm(x))
-        return map_row_chunks(x, self.fc2.out_features, lambda rows, out: self._fill_chunk(out, norm(rows), rows))
+        out = x.view(-1, x.shape[-1]) if in_place else None
+        return map_row_chunks(x, self.fc2.out_features, lambda rows, out: self._fill_chunk(out, norm(rows), rows),
+                              out=out)
 
     def _runs_in_chunks(self, x: Tensor) -> bool:
         dropout_active = self.training and self.drop.p > 0
