@@ -77,7 +77,7 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.attention(x)
+        return x * self.weights(x)
 
     def weights(self, x: Tensor) -> Tensor:
         """The per-channel weights that :meth:`forward` multiplies x by: [B, C, H, W] -> [B, C, 1, 1]."""
@@ -198,6 +198,15 @@ class HeadAttention(nn.Module):
         """
         return x.device.type == 'cpu' and not self.qkv._needs_grad(x) and not compiling()
 
+    @staticmethod
+    def _chunk_output(tokens: Tensor, first_chunk: Tensor, in_place: bool) -> Tensor:
+        """Where attention in chunks writes its output: over ``tokens`` [B * H * W, C] when the caller is done with
+        them and the first chunk's output [r, C] has their dtype (not under bf16 autocast), else a new map in the
+        chunk's dtype."""
+        if in_place and first_chunk.dtype == tokens.dtype:
+            return tokens
+        return first_chunk.new_empty(tokens.shape[0], first_chunk.shape[-1])
+
     def _aligned_projections(self) -> tuple[Tensor, Tensor | None, Tensor]:
         """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8])."""
         key = _versions(self.qkv.weight, self.proj.weight, *([self.qkv.bias] if self.qkv.bias is not None else []))
@@ -302,8 +311,7 @@ class WindowAttention(HeadAttention):
                 attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
                 attended = self.proj_drop(self.project_out(attended.transpose(1, 2).reshape(-1, heads * d)))
                 if out is None:
-                    out = tokens if in_place and attended.dtype == tokens.dtype else \
-                        attended.new_empty(tokens.shape[0], attended.shape[-1])
+                    out = self._chunk_output(tokens, attended, in_place)
                 order.put(out, attended, start * n)
             first += count
         return out
@@ -418,8 +426,8 @@ class OCAB(HeadAttention):
             out = attention(q, k, v, attn_bias, scale=self.scale, fused=self.fused_attn)
             out = self.project_out(out.transpose(1, 2).reshape(-1, inner))
             if in_chunks:
-                if attended is None:  # over the normalised tokens (read already), unless autocast made it bf16
-                    attended = tokens if out.dtype == tokens.dtype else out.new_empty(tokens.shape[0], out.shape[-1])
+                if attended is None:  # the normalised tokens are read already (their kv rows, this chunk's q)
+                    attended = self._chunk_output(tokens, out, in_place=True)
                 order.put(attended, out, start * n_q)
             else:
                 attended = order.restore(out)

@@ -42,22 +42,23 @@ ROW_CHUNK = 1024  # rows per product without autograd (see the module doc)
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
+def _onednn_avx512() -> bool:
+    """Whether PyTorch runs AVX-512 kernels on this CPU and has oneDNN's linear operator."""
+    return _ONEDNN_LINEAR and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_product_library() -> str:
     """``'onednn'`` where PyTorch runs AVX-512 kernels on an AMD CPU (and has oneDNN), else ``'mkl'`` (PyTorch's own
     choice)."""
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith('AVX512')
-    if _ONEDNN_LINEAR and avx512 and cpu_vendor() == 'AuthenticAMD':
-        return 'onednn'
-    return 'mkl'
+    return 'onednn' if _onednn_avx512() and cpu_vendor() == 'AuthenticAMD' else 'mkl'
 
 
 @functools.lru_cache(maxsize=1)
 def fresh_product_library() -> str:
     """The library of products into a new tensor without autograd (:func:`fresh_linear`): ``'onednn'`` wherever
-    PyTorch runs AVX-512 kernels (and has oneDNN), else that of :func:`cpu_product_library`."""
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith('AVX512')
-    return 'onednn' if _ONEDNN_LINEAR and avx512 else cpu_product_library()
+    PyTorch runs AVX-512 kernels (and has oneDNN), whatever the vendor; else ``'mkl'``."""
+    return 'onednn' if _onednn_avx512() else 'mkl'
 
 
 def _autocast_on_cpu() -> bool:
