@@ -183,13 +183,19 @@ def machine_line(device: torch.device) -> str:
 
 def count_flops(cfg: dict, size: int) -> float:
     """Matrix-product and convolution FLOPs of one forward at ``size`` x ``size`` (counted on the meta device)."""
+    return sum(count_flops_by_op(cfg, size).values())
+
+
+def count_flops_by_op(cfg: dict, size: int) -> dict[str, float]:
+    """:func:`count_flops` by ATen operator: ``{'convolution': ..., 'addmm': ... (the linear layers), 'bmm': ...
+    (the attention products)}``, counted on the official computation (head size as released, e.g. 30)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device('meta'):
         net = OfficialHAT(**cfg).eval()  # explicit attention products: counted on every torch version
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         net(torch.empty(1, 3, size, size, device='meta'))
-    return float(counter.get_total_flops())
+    return {str(op).removeprefix('aten.'): float(flops) for op, flops in counter.get_flop_counts()['Global'].items()}
 
 
 # ----- memory -----

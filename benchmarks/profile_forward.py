@@ -1,0 +1,228 @@
+"""Where one forward of HAT spends its time: seconds, FLOPs and GFLOP/s for each kind of step.
+
+    python benchmarks/profile_forward.py                                   # HAT x4 at 128x128, fp32, 3 forwards
+    python benchmarks/profile_forward.py --variant HAT-L --size 64 --precision bf16 --out profile.md
+
+What it answers: which step holds the forward below the machine's matrix-product rate (the % column of
+``bench_inference.py``), the first thing to know before optimising on a new class of machine.
+
+Method: the functions that do each kind of step are wrapped while the timed forwards run, and a clock is read
+around every call (a call made inside another timed call counts for the outer one: ``linear_into`` inside
+``fresh_linear``). The torch profiler is no substitute on the CPU: on a Xeon it charged 11-17 ms to layer norms over
+a 128x128 map and 22-29 ms to a convolution that take 1 ms and 8-10 ms when timed directly.
+
+Kinds of step:
+
+    attention     ``hat.archs.attention.attention`` as the attention modules call it: the kernel and its mask
+    linear        the token-wise products: ``hat.archs.linear.fresh_linear`` and ``linear_into`` (fp32 CPU paths),
+                  ``torch.nn.functional.linear`` (everything else)
+    convolution   ``nn.Conv2d`` (the CABs, conv_first, conv_after_body, the upsampling head)
+    layer norm    ``nn.LayerNorm``
+    window moves  ``WindowOrder.take``, ``put`` and ``restore``: the gathers and scatters of the window order
+    rest          the forward's time outside all of those: additions, the CAB's GELU and channel weighting, the
+                  OCAB's key/value gathers, the pixel shuffle, ...
+
+FLOPs are the official computation's, per kind (``bench_inference.count_flops_by_op``: ``bmm`` is attention,
+``addmm`` the linear layers), so that the GFLOP/s match ``bench_inference.py``'s column. Where our fp32 CPU path pads
+the heads (30 -> 32 channels, HAT's released variants), it computes about 7% more in attention, qkv and proj than
+counted. The matrix-product rate is measured right after the forwards, as in ``bench_inference.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hat  # noqa: E402,F401  (compat shim before basicsr)
+from benchmarks.bench_inference import (VARIANTS, count_flops_by_op, load_average, machine_line,  # noqa: E402
+                                        matmul_rates, network_config, peak_rate, publish, test_image)
+from hat.archs import hat_arch  # noqa: E402
+from hat.archs import linear as token_linear  # noqa: E402
+from hat.archs.hat_arch import HAT  # noqa: E402
+from hat.archs.window import WindowOrder  # noqa: E402
+
+KINDS = ('attention', 'linear', 'convolution', 'layer norm', 'window moves')
+# ATen operators of bench_inference.count_flops_by_op, by kind of step
+FLOP_OPS = {'attention': ('bmm',), 'linear': ('addmm', 'mm'), 'convolution': ('convolution',)}
+
+
+class StepClock:
+    """Wall time and calls per kind of step, over the calls of functions wrapped by :meth:`wrap`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: Counter = Counter()
+        self._inside = False  # a timed call is running: calls it makes count for it
+
+    def wrap(self, kind: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if self._inside:
+                return function(*args, **kwargs)
+            self._inside = True
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[kind] += time.perf_counter() - start
+                self.calls[kind] += 1
+                self._inside = False
+        return timed
+
+
+def _call_sites() -> list[tuple[object, str, str]]:
+    """(owner, attribute, kind) of every function :func:`timed_steps` wraps."""
+    return [
+        (hat_arch, 'attention', 'attention'),
+        (token_linear, 'fresh_linear', 'linear'),
+        (token_linear, 'linear_into', 'linear'),
+        (F, 'linear', 'linear'),
+        (nn.Conv2d, 'forward', 'convolution'),
+        (nn.LayerNorm, 'forward', 'layer norm'),
+        (WindowOrder, 'take', 'window moves'),
+        (WindowOrder, 'put', 'window moves'),
+        (WindowOrder, 'restore', 'window moves'),
+    ]
+
+
+@contextlib.contextmanager
+def timed_steps(clock: StepClock) -> Iterator[StepClock]:
+    """Inside, the call sites of the kinds of step report to ``clock``; they are put back on leaving."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _call_sites()]
+    try:
+        for (owner, name, kind), (_, _, function) in zip(_call_sites(), originals):
+            setattr(owner, name, clock.wrap(kind, function))
+        yield clock
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
+
+
+@dataclass
+class StepProfile:
+    """What :func:`profile` measured: per kind, seconds and calls per forward (means over the forwards), and the
+    forwards' times."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, float] = field(default_factory=dict)
+    forward_times: list[float] = field(default_factory=list)
+
+    @property
+    def forward_s(self) -> float:
+        return statistics.fmean(self.forward_times)
+
+    @property
+    def rest_s(self) -> float:
+        """The forward's time outside the timed kinds of step."""
+        return self.forward_s - sum(self.seconds.values())
+
+
+def profile(net: nn.Module, x: torch.Tensor, *, repeats: int = 3, bf16: bool = False) -> StepProfile:
+    """Time ``repeats`` forwards of ``net`` (eval mode, no autograd; bf16 autocast with ``bf16``) on ``x``
+    [B, 3, H, W] after one untimed forward, by kind of step."""
+    clock = StepClock()
+    result = StepProfile()
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x)
+
+    forward()
+    with timed_steps(clock):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward()
+            result.forward_times.append(time.perf_counter() - start)
+    result.seconds = {kind: clock.seconds[kind] / repeats for kind in KINDS}
+    result.calls = {kind: clock.calls[kind] / repeats for kind in KINDS}
+    return result
+
+
+def flops_by_kind(flops_by_op: dict[str, float]) -> dict[str, float]:
+    """FLOPs per kind of step from :func:`~benchmarks.bench_inference.count_flops_by_op`'s operators."""
+    by_kind = {kind: sum(flops_by_op.get(op, 0.0) for op in ops) for kind, ops in FLOP_OPS.items()}
+    counted = {op for ops in FLOP_OPS.values() for op in ops}
+    by_kind['rest'] = sum(flops for op, flops in flops_by_op.items() if op not in counted)
+    return by_kind
+
+
+def table(result: StepProfile, flops: dict[str, float], rate: float | None) -> list[str]:
+    """Markdown rows: one per kind of step, the rest, and the whole forward."""
+    def row(name: str, calls: str, seconds: float, flop: float) -> str:
+        share = seconds / result.forward_s if result.forward_s > 0 else 0.0
+        speed = flop / seconds / 1e9 if flop and seconds > 0 else None
+        gflops = '-' if speed is None else f'{speed:.0f}'
+        of_rate = '-' if speed is None or not rate else f'{100 * speed / rate:.0f}%'
+        return (f'| {name} | {calls} | {seconds:.3f} | {100 * share:.0f}% | {flop / 1e9:.1f} | {gflops} | '
+                f'{of_rate} |')
+
+    lines = ['| step | calls per forward | seconds per forward | share of the forward | GFLOP | GFLOP/s | '
+             '% of matmul rate |', '|---|---|---|---|---|---|---|']
+    for kind in KINDS:
+        lines.append(row(kind, f'{result.calls[kind]:.0f}', result.seconds[kind], flops.get(kind, 0.0)))
+    lines.append(row('rest', '-', result.rest_s, flops.get('rest', 0.0)))
+    lines.append(row('**forward**', '1', result.forward_s, sum(flops.values())))
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--variant', default='HAT', choices=VARIANTS)
+    parser.add_argument('--scale', type=int, default=4, choices=(2, 3, 4))
+    parser.add_argument('--size', type=int, default=128, help='LR size in pixels (square input)')
+    parser.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
+                        help='bf16: under bf16 autocast, as `val: {amp: bf16}` runs')
+    parser.add_argument('--repeats', type=int, default=3, help='timed forwards (after one untimed)')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--out', help='also write the Markdown report to this file')
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.size < 1:
+        parser.error('--repeats and --size must be at least 1')
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device('cpu')
+    cfg = network_config(args.variant, args.scale)
+    torch.manual_seed(0)
+    net = HAT(**cfg).eval()
+    bf16 = args.precision == 'bf16'
+    result = profile(net, test_image(args.size), repeats=args.repeats, bf16=bf16)
+    rates = matmul_rates(device, bf16=bf16)
+    rate = peak_rate('bf16' if bf16 else 'fp32', rates)
+    flops = flops_by_kind(count_flops_by_op(cfg, args.size))
+    lines = [
+        f'{args.variant} x{args.scale} forward at {args.size}x{args.size}, {args.precision}, by kind of step. '
+        f'{machine_line(device)}.',
+        '',
+        f'torch {torch.__version__}; mean of {args.repeats} forwards after one untimed (forward times '
+        f'{", ".join(f"{t:.3f}" for t in result.forward_times)} s); random weights; matmul rate 2048x2048 right '
+        f'after: {"-" if rate is None else f"{rate:.0f}"} GFLOP/s ({args.precision}); load average (1/5/15 min): '
+        f'{load_average()}.',
+        '',
+        *table(result, flops, rate),
+        '',
+        'GFLOP: the official computation\'s count (head size as released); the fp32 CPU path pads heads of 30 to 32.',
+    ]
+    return publish(lines, args.out)
+
+
+if __name__ == '__main__':
+    main()
