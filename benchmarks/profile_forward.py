@@ -1,4 +1,4 @@
-"""Where one forward of HAT spends its time: seconds, FLOPs and GFLOP/s for each kind of step.
+"""Where one forward of HAT on the CPU spends its time: seconds, FLOPs and GFLOP/s for each kind of step.
 
     python benchmarks/profile_forward.py                                   # HAT x4 at 128x128, fp32, 3 forwards
     python benchmarks/profile_forward.py --variant HAT-L --size 64 --precision bf16 --out profile.md
