@@ -71,8 +71,8 @@ from benchmarks.bench_inference import (build, machine_line, network_config, psn
                                         test_image)
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.memory import measure_peak_memory  # noqa: E402
-from hat.utils.cpu import cpu_model  # noqa: E402
 from hat.inference.upscaler import Upscaler  # noqa: E402
+from hat.utils.cpu import cpu_model  # noqa: E402
 from hat.utils.resume import load_training_state  # noqa: E402
 
 DEFAULT_BUDGET_S = 420.0
