@@ -22,6 +22,10 @@ Kinds of step:
     rest          the forward's time outside all of those: additions, the CAB's GELU and channel weighting, the
                   OCAB's key/value gathers, the pixel shuffle, ...
 
+A second table times the main kernels alone, on one chunk of the shapes the forward gives them (inputs in cache,
+median of 10 calls): a step far below its kernel's rate loses time around the kernel (memory, copies), a step near
+it is held by the kernel itself.
+
 FLOPs are the official computation's, per kind (``bench_inference.count_flops_by_op``: ``bmm`` is attention,
 ``addmm`` the linear layers), so that the GFLOP/s match ``bench_inference.py``'s column. Where our fp32 CPU path pads
 the heads (30 -> 32 channels, HAT's released variants), it computes about 7% more in attention, qkv and proj than
@@ -52,6 +56,7 @@ import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.bench_inference import (VARIANTS, count_flops_by_op, load_average, machine_line,  # noqa: E402
                                         matmul_rates, network_config, peak_rate, publish, test_image)
 from hat.archs import hat_arch  # noqa: E402
+from hat.archs.attention import attention  # noqa: E402
 from hat.archs import linear as token_linear  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.archs.window import WindowOrder  # noqa: E402
@@ -153,6 +158,69 @@ def profile(net: nn.Module, x: torch.Tensor, *, repeats: int = 3, bf16: bool = F
     return result
 
 
+def _median_seconds(call: Callable[[], object], repeats: int) -> float:
+    call()
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) -> list[tuple[str, str, float]]:
+    """(kernel, shape, GFLOP/s) of the main kernels of ``net``'s forward alone, through the model's own code paths,
+    on one chunk of :data:`~hat.archs.linear.ROW_CHUNK` tokens (the CAB's convolutions on a ``size`` x ``size``
+    map), with the official computation's FLOPs (head size as released)."""
+    block = next(m for m in net.modules() if isinstance(m, hat_arch.HAB))
+    attn, mlp, cab = block.attn, block.mlp, block.conv_block.cab
+    channels, heads, n = attn.dim, attn.num_heads, attn.window_size ** 2
+    rows = max(n, token_linear.ROW_CHUNK // n * n)  # whole windows, as the forward's chunks
+    windows = rows // n
+    hidden, squeezed = mlp.fc1.out_features, cab[0].out_channels
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(rows, channels, generator=generator)
+    feature_map = torch.randn(1, channels, size, size, generator=generator).contiguous(
+        memory_format=torch.channels_last)
+    rpi = net.relative_position_index_SA
+
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        qkv, head_dim = attn.project_qkv(tokens)
+        q, k, v = qkv.view(-1, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = attn.gathered_bias(rpi, n, n)
+        attended = attention(q, k, v, bias, scale=attn.scale, fused=True)
+        attended_rows = attended.transpose(1, 2).reshape(rows, heads * head_dim)
+        hidden_rows = mlp.fc1.forward_gelu(tokens)
+        squeezed_map = cab[0](feature_map)
+        kernels = [
+            ('qkv', f'[{rows}, {channels}] x [{channels}, {3 * channels}]', lambda: attn.project_qkv(tokens),
+             2 * rows * channels * 3 * channels),
+            ('attention', f'{windows} windows x {heads} heads, {n} tokens',
+             lambda: attention(q, k, v, bias, scale=attn.scale, fused=True), 4 * windows * n * n * channels),
+            ('proj', f'[{rows}, {channels}] x [{channels}, {channels}]', lambda: attn.project_out(attended_rows),
+             2 * rows * channels * channels),
+            ('fc1 + GELU', f'[{rows}, {channels}] x [{channels}, {hidden}]', lambda: mlp.fc1.forward_gelu(tokens),
+             2 * rows * channels * hidden),
+            ('fc2', f'[{rows}, {hidden}] x [{hidden}, {channels}]', lambda: mlp.fc2(hidden_rows),
+             2 * rows * channels * hidden),
+            ('CAB conv 3x3', f'{channels} -> {squeezed} channels, {size}x{size}', lambda: cab[0](feature_map),
+             2 * size * size * 9 * channels * squeezed),
+            ('CAB conv 3x3', f'{squeezed} -> {channels} channels, {size}x{size}', lambda: cab[2](squeezed_map),
+             2 * size * size * 9 * channels * squeezed),
+        ]
+        return [(name, shape, flops / _median_seconds(call, repeats) / 1e9) for name, shape, call, flops in kernels]
+
+
+def kernel_table(rates: list[tuple[str, str, float]], rate: float | None) -> list[str]:
+    """Markdown rows of :func:`kernel_rates`."""
+    lines = ['| kernel alone | shape | GFLOP/s | % of matmul rate |', '|---|---|---|---|']
+    for name, shape, speed in rates:
+        of_rate = '-' if not rate else f'{100 * speed / rate:.0f}%'
+        lines.append(f'| {name} | {shape} | {speed:.0f} | {of_rate} |')
+    return lines
+
+
 def flops_by_kind(flops_by_op: dict[str, float]) -> dict[str, float]:
     """FLOPs per kind of step from :func:`~benchmarks.bench_inference.count_flops_by_op`'s operators."""
     by_kind = {kind: sum(flops_by_op.get(op, 0.0) for op in ops) for kind, ops in FLOP_OPS.items()}
@@ -205,6 +273,7 @@ def main(argv: list[str] | None = None) -> str:
     net = HAT(**cfg).eval()
     bf16 = args.precision == 'bf16'
     result = profile(net, test_image(args.size), repeats=args.repeats, bf16=bf16)
+    kernels = kernel_rates(net, args.size, bf16=bf16)
     rates = matmul_rates(device, bf16=bf16)
     rate = peak_rate('bf16' if bf16 else 'fp32', rates)
     flops = flops_by_kind(count_flops_by_op(cfg, args.size))
@@ -219,7 +288,10 @@ def main(argv: list[str] | None = None) -> str:
         '',
         *table(result, flops, rate),
         '',
-        'GFLOP: the official computation\'s count (head size as released); the fp32 CPU path pads heads of 30 to 32.',
+        *kernel_table(kernels, rate),
+        '',
+        'GFLOP: the official computation\'s count (head size as released); the fp32 CPU path pads heads of 30 to 32. '
+        'fc2 runs alone into a new tensor; in the forward it adds into the residual stream.',
     ]
     return publish(lines, args.out)
 

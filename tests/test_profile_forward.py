@@ -93,13 +93,32 @@ def test_table_rows_and_rates():
     assert rows[8] == '| **forward** | 1 | 5.250 | 100% | 800.0 | 152 | 38% |'
 
 
+def test_the_kernels_alone_run_the_shapes_of_the_forward(tiny_net):
+    rates = profile_forward.kernel_rates(tiny_net, 16, repeats=2)
+    # tiny HAT: 12 channels, 2 heads, window 4 (16 tokens), MLP 24, CAB 12 -> 4; chunks of 1024 tokens = 64 windows
+    assert [(name, shape) for name, shape, _ in rates] == [
+        ('qkv', '[1024, 12] x [12, 36]'),
+        ('attention', '64 windows x 2 heads, 16 tokens'),
+        ('proj', '[1024, 12] x [12, 12]'),
+        ('fc1 + GELU', '[1024, 12] x [12, 24]'),
+        ('fc2', '[1024, 24] x [24, 12]'),
+        ('CAB conv 3x3', '12 -> 4 channels, 16x16'),
+        ('CAB conv 3x3', '4 -> 12 channels, 16x16'),
+    ]
+    assert all(speed > 0 for _, _, speed in rates)
+    assert profile_forward.kernel_table([('qkv', '[1024, 12] x [12, 36]', 123.4)], rate=400.0) == [
+        '| kernel alone | shape | GFLOP/s | % of matmul rate |', '|---|---|---|---|',
+        '| qkv | [1024, 12] x [12, 36] | 123 | 31% |']
+
+
 def test_the_script_writes_its_report(tmp_path, capsys):
     out = tmp_path / 'profile.md'
     report = profile_forward.main(['--variant', 'HAT', '--size', '16', '--repeats', '1',
                                    '--out', str(out)])
     assert out.read_text() == report + '\n'
     assert report.startswith('HAT x4 forward at 16x16, fp32, by kind of step. CPU: ')
-    for kind in ('attention', 'linear', 'convolution', 'layer norm', 'window moves', 'rest', '**forward**'):
+    for kind in ('attention', 'linear', 'convolution', 'layer norm', 'window moves', 'rest', '**forward**', 'qkv',
+                 'fc1 + GELU', 'CAB conv 3x3'):
         assert f'\n| {kind} | ' in report
     with pytest.raises(SystemExit):
         profile_forward.parse_args(['--repeats', '0'])
