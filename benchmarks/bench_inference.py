@@ -137,15 +137,21 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, *, onednn: bool = Fals
         def product():
             return a @ b
 
-    product()
+    return 2 * n**3 / median_seconds(product, device, repeats=repeats) / 1e9
+
+
+def median_seconds(call: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeats`` calls of ``call`` after ``warmup`` untimed ones (synchronised on CUDA)."""
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        product()
+        call()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -54,7 +54,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.bench_inference import (VARIANTS, count_flops_by_op, load_average, machine_line,  # noqa: E402
-                                        matmul_rates, network_config, peak_rate, publish, test_image)
+                                        matmul_rates, median_seconds, network_config, peak_rate, publish,
+                                        test_image)
 from hat.archs import hat_arch  # noqa: E402
 from hat.archs.attention import attention  # noqa: E402
 from hat.archs import linear as token_linear  # noqa: E402
@@ -158,17 +159,6 @@ def profile(net: nn.Module, x: torch.Tensor, *, repeats: int = 3, bf16: bool = F
     return result
 
 
-def _median_seconds(call: Callable[[], object], repeats: int) -> float:
-    call()
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) -> list[tuple[str, str, float]]:
     """(kernel, shape, GFLOP/s) of the main kernels of ``net``'s forward alone, through the model's own code paths,
     on one chunk of :data:`~hat.archs.linear.ROW_CHUNK` tokens (the CAB's convolutions on a ``size`` x ``size``
@@ -209,7 +199,9 @@ def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) 
             ('CAB conv 3x3', f'{squeezed} -> {channels} channels, {size}x{size}', lambda: cab[2](squeezed_map),
              2 * size * size * 9 * channels * squeezed),
         ]
-        return [(name, shape, flops / _median_seconds(call, repeats) / 1e9) for name, shape, call, flops in kernels]
+        cpu = torch.device('cpu')
+        return [(name, shape, flops / median_seconds(call, cpu, repeats=repeats, warmup=2) / 1e9)
+                for name, shape, call, flops in kernels]
 
 
 def kernel_table(rates: list[tuple[str, str, float]], rate: float | None) -> list[str]:
