@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -351,6 +352,29 @@ def exact_fp32() -> None:
 
 
 # ----- (b) inference -----
+def masked_attention_kernels(device: torch.device, heads: int = 6, tokens: int = 256) -> str:
+    """Which head sizes ``scaled_dot_product_attention``'s memory-efficient kernel takes with an additive mask (as
+    HAT's windows need) on ``device``: HAT's 30 and the 32 it is padded to (``HeadAttention.pads_heads``), in fp32
+    and bf16. One sentence for the report; a kernel that refuses is reported, not raised."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    answers = []
+    for dtype, name in ((torch.float32, 'fp32'), (torch.bfloat16, 'bf16')):
+        for head_dim in (30, 32):
+            q = torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype)
+            mask = torch.zeros(1, heads, tokens, tokens, device=device, dtype=dtype)
+            try:
+                with warnings.catch_warnings():  # the refusal's reasons come as warnings
+                    warnings.simplefilter('ignore')
+                    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+                answers.append(f'{name} heads of {head_dim}: yes')
+            except RuntimeError:  # "No available kernel": the reasons went to the warnings
+                answers.append(f'{name} heads of {head_dim}: no')
+    return ('Memory-efficient attention with an additive mask (what HAT\'s padded heads are for): '
+            + '; '.join(answers) + '.')
+
+
 def inference_schedule(variants: Sequence[str], paths: Sequence[str]) -> list[tuple[str, str]]:
     """The order of the (variant, path) items: every eager path of every variant first, then the compiled paths,
     so that a compilation that eats the part's time costs only compiled rows."""
@@ -386,6 +410,7 @@ def inference_part(deadline: Deadline, emit: Recorder, *, device: torch.device,
     """
     if device.type == 'cuda':
         exact_fp32()
+        emit('note', text=masked_attention_kernels(device))
     height, width = size
     x = test_image(max(height, width))[..., :height, :width].contiguous().to(device)
     emit('setup', size=[height, width], warmup=warmup, repeats=repeats, device=str(device))

@@ -4,16 +4,17 @@ both paths: test_hat_arch.py)."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GOLDEN_CASES, golden_io, golden_net
+from conftest import GOLDEN_CASES, golden_io, golden_net, tiny_hat_config
 from hat.archs import attention as attention_module
 from hat.archs.attention import attention, chunked_attention, reference_attention
 from hat.archs import linear as linear_module
-from hat.archs.hat_arch import HAB, OCAB, WindowAttention
+from hat.archs.hat_arch import HAB, HAT, OCAB, HeadAttention, WindowAttention, pad_heads
 from hat.archs.linear import Linear, Mlp
 from hat.archs.window import (overlapping_window_index, relative_position_index_oca, relative_position_index_sa,
                               shift_mask_patterns, window_order, window_partition)
@@ -277,6 +278,61 @@ def test_head_aligned_projections_compute_the_same_attention():
         torch.testing.assert_close(attn(windows, rpi, [(3, None)]) - attn.proj.bias, 2 * (aligned - attn.proj.bias),
                                    atol=1e-5, rtol=1e-5)
     assert attn.project_qkv(windows.requires_grad_())[1] == 12  # autograd: the layers as they are
+
+
+def test_heads_are_padded_for_the_cpu_flash_kernel_and_for_cuda():
+    """CUDA's masked fused kernels need heads of a multiple of 8 (bf16) or 4 (fp32): padded there in training too;
+    on the CPU only for the flash kernel (fp32 inference)."""
+    attn = WindowAttention(dim=24, window_size=4, num_heads=2)  # heads of 12
+    on_cuda = SimpleNamespace(device=torch.device('cuda'))  # only the device is read for CUDA
+    assert attn.pads_heads(on_cuda)
+    attn.train()
+    assert attn.pads_heads(on_cuda)  # with autograd as well
+    x = torch.randn(16, 24)
+    assert attn.pads_heads(x) is False  # CPU with autograd: the chunked kernel, any head size
+    with torch.no_grad():
+        assert attn.pads_heads(x)
+        assert not attn.pads_heads(x.bfloat16())
+    attn.fused_attn = False  # the reference path: the layers as they are
+    assert not attn.pads_heads(on_cuda)
+    assert not WindowAttention(dim=32, window_size=4, num_heads=2).pads_heads(on_cuda)  # 16: aligned already
+
+
+def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypatch):
+    """The path CUDA takes (heads padded from the parameters at each call), run on the CPU with autograd: same
+    output, and the gradients of every parameter (those of the padded layers included) equal the unpadded ones."""
+    torch.manual_seed(0)
+    net = HAT(**tiny_hat_config(depths=(1, )))
+    x = torch.rand(1, 3, 12, 12)
+
+    def output_and_grads():
+        net.zero_grad()
+        out = net(x)
+        out.square().mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
+
+    want, want_grads = output_and_grads()
+    monkeypatch.setattr(HeadAttention, 'pads_heads', lambda self, x: True)
+    padded = net.layers[0].residual_group.blocks[0].attn
+    assert padded.qkv_layout(torch.randn(2, 12, requires_grad=True))[2] == 8  # heads of 6 laid out as 8
+    got, got_grads = output_and_grads()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert padded._aligned_cache is None  # nothing cached with autograd: the next step's weights are new
+
+
+def test_pad_heads_inserts_zeros_after_each_head():
+    qkv_weight, qkv_bias, proj_weight = torch.randn(3 * 2 * 3, 6), torch.randn(3 * 2 * 3), torch.randn(6, 6)
+    w, b, p = pad_heads(qkv_weight, qkv_bias, proj_weight, heads=2)  # heads of 3 -> 8
+    assert w.shape == (3 * 2 * 8, 6) and b.shape == (3 * 2 * 8, ) and p.shape == (6, 2 * 8)
+    assert torch.equal(w.view(3, 2, 8, 6)[:, :, :3], qkv_weight.view(3, 2, 3, 6))
+    assert torch.count_nonzero(w.view(3, 2, 8, 6)[:, :, 3:]) == 0
+    assert torch.equal(b.view(3, 2, 8)[..., :3], qkv_bias.view(3, 2, 3))
+    assert torch.count_nonzero(b.view(3, 2, 8)[..., 3:]) == 0
+    assert torch.equal(p.view(6, 2, 8)[..., :3], proj_weight.view(6, 2, 3))
+    assert torch.count_nonzero(p.view(6, 2, 8)[..., 3:]) == 0
+    assert pad_heads(qkv_weight, None, proj_weight, heads=2)[1] is None
 
 
 def test_linear_of_one_chunk_and_into_an_output_equal_f_linear(product_library):

@@ -223,6 +223,7 @@ def test_the_tests_that_need_cuda_are_found_by_what_they_mention(tmp_path):
 def test_the_suites_cuda_tests():
     ids = gc.cuda_test_ids(REPO / 'tests')
     assert 'tests/test_detect.py::test_build_on_cuda' in ids
+    assert 'tests/test_cuda.py::test_golden_outputs_on_cuda' in ids  # the module's skipif mark
     assert not any('test_precision' in i or 'test_gpu_check' in i for i in ids)  # CPU tests that fake CUDA
 
 
@@ -415,3 +416,11 @@ def test_train_part_on_the_cpu_with_a_tiny_hat(monkeypatch):
     assert [r['mode'] for r in rows] == ['official', 'fp32']
     assert all('error' not in r and len(r['times']) == 1 and math.isfinite(r['loss']) for r in rows)
     assert rows[0]['loss'] == pytest.approx(rows[1]['loss'], rel=1e-4)  # same network, same data, same seed
+
+
+def test_the_masked_attention_kernel_probe_reports_a_refusal_instead_of_raising():
+    # On the CPU the memory-efficient kernel exists for no head size: every answer is a refusal.
+    note = gc.masked_attention_kernels(torch.device('cpu'), heads=2, tokens=16)
+    assert note.startswith('Memory-efficient attention with an additive mask')
+    for answer in ('fp32 heads of 30: no', 'fp32 heads of 32: no', 'bf16 heads of 30: no', 'bf16 heads of 32: no'):
+        assert answer in note

@@ -40,6 +40,9 @@ DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 # Inference runs the upsampling head in bands of this many LR rows (see HAT.reconstruct), with this much context.
 RECONSTRUCTION_BAND = 64
 RECONSTRUCTION_HALO = 3
+# Head sizes that are not a multiple of this are padded with zeros for the fused attention kernels that want it
+# (see HeadAttention.pads_heads).
+HEAD_ALIGNMENT = 8
 
 
 class DropPath(nn.Module):
@@ -118,10 +121,12 @@ class HeadAttention(nn.Module):
     update, e.g. an optimiser step or a state-dict load) and dropped when the module moves (``_apply``):
 
     * the [heads, Nq, Nk] bias gathered from the table;
-    * head-aligned projections. PyTorch's CPU flash-attention kernel is about 20% faster with a head size that is a
-      multiple of 8 (HAT's 30 -> 32, Zen 3, 2 threads). Zero rows appended to each head's rows of the qkv weight
-      and bias, and zero columns to the matching columns of the proj weight, give q, k, v with zeros in the extra
+    * head-aligned projections (:meth:`pads_heads`). Zero rows appended to each head's rows of the qkv weight and
+      bias, and zero columns to the matching columns of the proj weight, give q, k, v with zeros in the extra
       dimensions: the logits and the output are unchanged (the extra products are exact zeros).
+
+    With autograd or under torch.compile neither is cached: both are computed from the parameters at each call
+    (differentiably: the aligned projections are ``F.pad`` of the parameters, so gradients reach them as they are).
     """
 
     relative_position_bias_table: nn.Parameter
@@ -154,19 +159,34 @@ class HeadAttention(nn.Module):
         index = rpi.view(-1).remainder(table.shape[0])
         return table.index_select(0, index).view(num_queries, num_keys, -1).permute(2, 0, 1).contiguous()
 
+    def pads_heads(self, x: Tensor) -> bool:
+        """Whether q, k and v of input ``x`` [..., C] are laid out in heads padded to a multiple of
+        :data:`HEAD_ALIGNMENT` (HAT's 30 -> 32), for the fused attention kernels that want such heads:
+
+        * PyTorch's CPU flash kernel (fp32 inference): about 20% faster (Zen 3, 2 threads).
+        * CUDA: the kernels that take an additive mask (memory-efficient attention, cuDNN) need a head size that is a
+          multiple of 8 in bf16/fp16 and of 4 in fp32; with 30, ``scaled_dot_product_attention`` falls back to its
+          unfused kernel, which materialises the [windows, heads, Nq, Nk] map of every window at once (HAT-L's OCAB
+          at a 480x640 input: 2.1 GB per copy in bf16) and runs several times slower.
+        """
+        head_dim = self.qkv.in_features // self.num_heads
+        if head_dim % HEAD_ALIGNMENT == 0 or not self.fused_attn:
+            return False
+        if x.device.type == 'cuda':
+            return True
+        return self.qkv.uses_cpu_kernels(x) and not self.qkv._needs_grad(x)
+
     def qkv_layout(self, x: Tensor) -> tuple[Tensor, Tensor | None, int]:
         """The qkv projection to apply to ``x`` and the head size it lays q, k and v out in.
 
         Args:
             x: [..., C].
         Returns:
-            (weight [3 * heads * d, C], bias [3 * heads * d] or None, d): ``d`` is C / heads, or that rounded up to
-            a multiple of 8 with zero-filled rows where the CPU flash kernel will run on it (fp32 CPU inference with
-            fused attention).
+            (weight [3 * heads * d, C], bias [3 * heads * d] or None, d): ``d`` is C / heads, or that rounded up
+            with zero-filled rows where :meth:`pads_heads` says so.
         """
-        head_dim = self.qkv.in_features // self.num_heads
-        if head_dim % 8 == 0 or not self.fused_attn or not self.qkv.uses_cpu_kernels(x) or self.qkv._needs_grad(x):
-            return self.qkv.weight, self.qkv.bias, head_dim
+        if not self.pads_heads(x):
+            return self.qkv.weight, self.qkv.bias, self.qkv.in_features // self.num_heads
         qkv_weight, qkv_bias, _ = self._aligned_projections()
         return qkv_weight, qkv_bias, qkv_weight.shape[0] // (3 * self.num_heads)
 
@@ -208,28 +228,46 @@ class HeadAttention(nn.Module):
         return first_chunk.new_empty(tokens.shape[0], first_chunk.shape[-1])
 
     def _aligned_projections(self) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8])."""
-        key = _versions(self.qkv.weight, self.proj.weight, *([self.qkv.bias] if self.qkv.bias is not None else []))
+        """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8]): cached
+        for inference, padded from the parameters at each call with autograd or under torch.compile."""
+        layers = (self.qkv.weight, self.proj.weight, *([self.qkv.bias] if self.qkv.bias is not None else []))
+        if compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in layers)):
+            return pad_heads(self.qkv.weight, self.qkv.bias, self.proj.weight, self.num_heads)
+        key = _versions(*layers)
         if self._aligned_cache is None or self._aligned_cache[0] != key:
-            heads, channels = self.num_heads, self.qkv.in_features
-            head_dim = channels // heads
-            aligned = -(-head_dim // 8) * 8
-            qkv_weight = self.qkv.weight.new_zeros(3, heads, aligned, channels)
-            qkv_weight[:, :, :head_dim] = self.qkv.weight.detach().view(3, heads, head_dim, channels)
-            qkv_bias = None
-            if self.qkv.bias is not None:
-                qkv_bias = self.qkv.bias.new_zeros(3, heads, aligned)
-                qkv_bias[:, :, :head_dim] = self.qkv.bias.detach().view(3, heads, head_dim)
-                qkv_bias = qkv_bias.view(-1)
-            proj_weight = self.proj.weight.new_zeros(channels, heads, aligned)
-            proj_weight[:, :, :head_dim] = self.proj.weight.detach().view(channels, heads, head_dim)
-            self._aligned_cache = (key, (qkv_weight.view(-1, channels), qkv_bias, proj_weight.view(channels, -1)))
+            self._aligned_cache = (key, pad_heads(self.qkv.weight.detach(), _detached(self.qkv.bias),
+                                                  self.proj.weight.detach(), self.num_heads))
         return self._aligned_cache[1]
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .half() move the tensors: drop the caches of the old device/dtype
         self._bias_cache = self._aligned_cache = None
         return super()._apply(fn, *args, **kwargs)
+
+
+def pad_heads(qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+              heads: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The projections of :class:`HeadAttention` with each head's size d rounded up to a multiple of
+    :data:`HEAD_ALIGNMENT` (d8): zero rows after each head's rows of the qkv weight and bias, zero columns after its
+    columns of the proj weight (``F.pad``: differentiable).
+
+    Args:
+        qkv_weight: [3 * heads * d, C]; qkv_bias: [3 * heads * d] or None; proj_weight: [C, heads * d].
+    Returns:
+        (qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8]).
+    """
+    channels = qkv_weight.shape[1]
+    head_dim = channels // heads
+    extra = -head_dim % HEAD_ALIGNMENT
+    qkv_weight = F.pad(qkv_weight.view(3, heads, head_dim, channels), (0, 0, 0, extra)).view(-1, channels)
+    if qkv_bias is not None:
+        qkv_bias = F.pad(qkv_bias.view(3, heads, head_dim), (0, extra)).view(-1)
+    proj_weight = F.pad(proj_weight.view(channels, heads, head_dim), (0, extra)).view(channels, -1)
+    return qkv_weight, qkv_bias, proj_weight
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _versions(*tensors: Tensor) -> tuple:
@@ -541,9 +579,9 @@ class HAT(nn.Module):
     on fused kernels with one mask shared by a group of windows, the cyclic shift and the window partition as one
     row gather (:func:`hat.archs.window.window_order`), a contiguous channels-last token stream, fp32 CPU linear
     layers on the library that suits the CPU and in row chunks (:mod:`hat.archs.linear`), head sizes aligned to 8
-    for the CPU flash kernel (:class:`HeadAttention`), CPU inference attending a few windows at a time from the
-    token maps to the output (:meth:`HeadAttention.attends_in_chunks`), bf16 autocast on oneDNN's bf16 kernels,
-    ``compile_blocks`` for torch.compile.
+    for the CPU flash kernel and CUDA's masked fused kernels (:meth:`HeadAttention.pads_heads`), CPU inference
+    attending a few windows at a time from the token maps to the output (:meth:`HeadAttention.attends_in_chunks`),
+    bf16 autocast on oneDNN's bf16 kernels, ``compile_blocks`` for torch.compile.
     """
 
     def __init__(self, *, img_size: int | Sequence[int] = 64, patch_size: int = 1, in_chans: int = 3,
