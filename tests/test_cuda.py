@@ -70,4 +70,4 @@ def test_attention_runs_on_the_memory_efficient_kernel_in_inference_and_training
     with torch.no_grad():
         want_inferred = net(x)
     torch.testing.assert_close(inferred, want_inferred, atol=FP32_MAX_DIFF, rtol=0)
-    assert (inferred_bf16 - want_inferred).abs().max().item() < 0.05  # bf16 products, same function
+    assert (inferred_bf16 - want_inferred).abs().max().item() < 0.02  # bf16 products (CPU: 0.002 off), same function
