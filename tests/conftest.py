@@ -59,6 +59,15 @@ def golden_net(case: str, **extra) -> HAT:
     return net.eval()
 
 
+def output_and_grads(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward of a squared-output loss from zeroed gradients: (the output, every parameter's
+    gradient), on the host whatever the network's device."""
+    net.zero_grad()
+    out = net(x)
+    out.square().mean().backward()
+    return out.detach().cpu(), {name: p.grad.cpu().clone() for name, p in net.named_parameters()}
+
+
 def tiny_hat_config(*, upscale: int = 2, depths: Sequence[int] = (1,), **changes) -> dict:
     """Constructor keywords of a tiny HAT (embed_dim 12, window 4, two heads per group) for tests that need a network
     that runs in milliseconds rather than the official numerics (those are the golden cases'). ``changes`` override

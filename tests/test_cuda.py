@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import GOLDEN_CASES, golden_io, golden_net, tiny_hat_config
+from conftest import GOLDEN_CASES, golden_io, golden_net, output_and_grads, tiny_hat_config
 from hat.archs.hat_arch import HAT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -34,15 +34,6 @@ def test_golden_outputs_on_cuda(case):
         out = net(io['input'].cuda()).cpu()
     assert out.shape == io['output'].shape
     assert (out - io['output']).abs().max().item() <= FP32_MAX_DIFF
-
-
-def output_and_grads(net: HAT, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward and backward of a squared-output loss: (output on the host, every parameter's gradient on the
-    host)."""
-    net.zero_grad()
-    out = net(x)
-    out.square().mean().backward()
-    return out.detach().cpu(), {name: p.grad.cpu() for name, p in net.named_parameters()}
 
 
 def test_attention_runs_on_the_memory_efficient_kernel_in_inference_and_training():

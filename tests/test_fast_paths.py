@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GOLDEN_CASES, golden_io, golden_net, tiny_hat_config
+from conftest import GOLDEN_CASES, golden_io, golden_net, output_and_grads, tiny_hat_config
 from hat.archs import attention as attention_module
 from hat.archs.attention import attention, chunked_attention, reference_attention
 from hat.archs import linear as linear_module
@@ -304,18 +304,11 @@ def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypat
     torch.manual_seed(0)
     net = HAT(**tiny_hat_config(depths=(1, )))
     x = torch.rand(1, 3, 12, 12)
-
-    def output_and_grads():
-        net.zero_grad()
-        out = net(x)
-        out.square().mean().backward()
-        return out.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
-
-    want, want_grads = output_and_grads()
+    want, want_grads = output_and_grads(net, x)
     monkeypatch.setattr(HeadAttention, 'pads_heads', lambda self, x: True)
     padded = net.layers[0].residual_group.blocks[0].attn
     assert padded.qkv_layout(torch.randn(2, 12, requires_grad=True))[2] == 8  # heads of 6 laid out as 8
-    got, got_grads = output_and_grads()
+    got, got_grads = output_and_grads(net, x)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
