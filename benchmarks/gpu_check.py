@@ -789,8 +789,9 @@ def torchrun_part(deadline: Deadline, emit: Recorder, *, keep: bool = False, fir
         if keep:
             emit('note', text=f'kept {experiment} and {work}')
         else:
-            shutil.rmtree(experiment, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
+            # With its archived copy (<name>_archived_<time>), made when the second run could not resume.
+            for folder in [experiment, *experiment.parent.glob(f'{name}_archived_*'), work]:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----- report -----

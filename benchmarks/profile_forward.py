@@ -162,10 +162,17 @@ def profile(net: nn.Module, x: torch.Tensor, *, repeats: int = 3, bf16: bool = F
 def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) -> list[tuple[str, str, float]]:
     """(kernel, shape, GFLOP/s) of the main kernels of ``net``'s forward alone, through the model's own code paths,
     on one chunk of :data:`~hat.archs.linear.ROW_CHUNK` tokens (the CAB's convolutions on a ``size`` x ``size``
-    map), with the official computation's FLOPs (head size as released)."""
+    map), with the official computation's FLOPs (head size as released).
+
+    Attention comes three times: the HAB's windows, the OCAB's (keys from the enlarged windows), and the HAB's two
+    products alone (``bmm``, no mask or softmax between them): how far the softmax holds the kernel below the
+    products' own rate, the first question about attention on a new class of machine.
+    """
     block = next(m for m in net.modules() if isinstance(m, hat_arch.HAB))
+    ocab = next(m for m in net.modules() if isinstance(m, hat_arch.OCAB))
     attn, mlp, cab = block.attn, block.mlp, block.conv_block.cab
     channels, heads, n = attn.dim, attn.num_heads, attn.window_size ** 2
+    n_keys = ocab.overlap_win_size ** 2
     rows = max(n, token_linear.ROW_CHUNK // n * n)  # whole windows, as the forward's chunks
     windows = rows // n
     hidden, squeezed = mlp.fc1.out_features, cab[0].out_channels
@@ -180,6 +187,13 @@ def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) 
         q, k, v = qkv.view(-1, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = attn.gathered_bias(rpi, n, n)
         attended = attention(q, k, v, bias, scale=attn.scale, fused=True)
+        # The OCAB's keys and values: as many windows, each of the enlarged window's tokens.
+        k_wide, v_wide = (torch.randn(windows, heads, n_keys, head_dim, generator=generator) for _ in range(2))
+        bias_wide = ocab.gathered_bias(net.relative_position_index_OCA, n, n_keys)
+        # The products alone, on the layout the kernels get (windows and heads folded into the batch).
+        q_fold, v_fold = (t.reshape(-1, n, head_dim) for t in (q, v))
+        k_fold_t = k.reshape(-1, n, head_dim).transpose(1, 2)
+        logits = torch.bmm(q_fold, k_fold_t)
         attended_rows = attended.transpose(1, 2).reshape(rows, heads * head_dim)
         hidden_rows = mlp.fc1.forward_gelu(tokens)
         squeezed_map = cab[0](feature_map)
@@ -188,6 +202,11 @@ def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) 
              2 * rows * channels * 3 * channels),
             ('attention', f'{windows} windows x {heads} heads, {n} tokens',
              lambda: attention(q, k, v, bias, scale=attn.scale, fused=True), 4 * windows * n * n * channels),
+            ('attention, products alone', f'{windows} windows x {heads} heads, {n} tokens, no softmax',
+             lambda: torch.bmm(torch.bmm(q_fold, k_fold_t, out=logits), v_fold), 4 * windows * n * n * channels),
+            ('OCAB attention', f'{windows} windows x {heads} heads, {n} x {n_keys} tokens',
+             lambda: attention(q, k_wide, v_wide, bias_wide, scale=ocab.scale, fused=True),
+             4 * windows * n * n_keys * channels),
             ('proj', f'[{rows}, {channels}] x [{channels}, {channels}]', lambda: attn.project_out(attended_rows),
              2 * rows * channels * channels),
             ('fc1 + GELU', f'[{rows}, {channels}] x [{channels}, {hidden}]', lambda: mlp.fc1.forward_gelu(tokens),

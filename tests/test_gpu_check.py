@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -424,3 +425,35 @@ def test_the_masked_attention_kernel_probe_reports_a_refusal_instead_of_raising(
     assert note.startswith('Memory-efficient attention with an additive mask')
     for answer in ('fp32 heads of 30: no', 'fp32 heads of 32: no', 'bf16 heads of 30: no', 'bf16 heads of 32: no'):
         assert answer in note
+
+
+@pytest.mark.slow
+def test_torchrun_part_on_the_cpu_trains_resumes_and_only_misses_nccl():
+    # Part (e) as the GPU run will do it, here with the nccl option falling back to gloo: two torchrun jobs, the
+    # second resumed; every check that does not need CUDA must hold, and the experiment folder is removed.
+    emit = gc.Recorder()
+    gc.torchrun_part(gc.Deadline.after(300), emit, first=5, more=5)  # a state every 5 iterations
+    rows = [r for r in emit.records if r['kind'] == 'row']
+    assert [(r['item'], r['returncode']) for r in rows] == [('first', 0), ('resume', 0)], rows
+    checks = {c['name']: c['ok'] for c in emit.records if c['kind'] == 'check'}
+    assert checks == {'first run saved training_states/5.state': True, 'the second run resumed from iter 5': True,
+                      'training_states/10.state holds iter 10': True, 'models/net_g_10.pth written': True,
+                      'ran on CUDA with NCCL (no gloo fallback)': False}
+    assert gc.torchrun_section(emit.records).result == '4 of 5 checks passed'
+    assert not list((REPO / 'experiments').glob('gpu_check_*'))
+
+
+
+def test_torchrun_part_removes_the_archived_experiment_folder_too(monkeypatch):
+    # A second run that cannot resume archives the first run's folder as <name>_archived_<time>: it goes as well.
+    def fake_run(command, *, timeout, cwd):
+        name = Path(command[command.index('-opt') + 1]).stem
+        for folder in (name, f'{name}_archived_20261206_120000'):
+            (REPO / 'experiments' / folder).mkdir(parents=True, exist_ok=True)
+        return gc.Outcome(0, False, 0.1, '')
+
+    monkeypatch.setattr(gc, 'run_group', fake_run)
+    emit = gc.Recorder()
+    gc.torchrun_part(gc.Deadline.after(60), emit)
+    assert [r['item'] for r in emit.records if r['kind'] == 'row'] == ['first', 'resume']
+    assert not list((REPO / 'experiments').glob('gpu_check_*'))

@@ -99,6 +99,8 @@ def test_the_kernels_alone_run_the_shapes_of_the_forward(tiny_net):
     assert [(name, shape) for name, shape, _ in rates] == [
         ('qkv', '[1024, 12] x [12, 36]'),
         ('attention', '64 windows x 2 heads, 16 tokens'),
+        ('attention, products alone', '64 windows x 2 heads, 16 tokens, no softmax'),
+        ('OCAB attention', '64 windows x 2 heads, 16 x 36 tokens'),  # overlapping windows of 6
         ('proj', '[1024, 12] x [12, 12]'),
         ('fc1 + GELU', '[1024, 12] x [12, 24]'),
         ('fc2', '[1024, 24] x [24, 12]'),
