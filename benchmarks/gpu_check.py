@@ -20,7 +20,8 @@ next ones):
 Time limits: (b), (c) and (d) each run in a child process that skips what would not fit its share and writes every
 measurement to a file as soon as it has it; the parent kills a child (and its process group: compile workers) at
 the end of its share and reports what was measured, and which item was cut. (a) and (e) are subprocesses too. The
-report says what was skipped and why. The exit status is 0 whenever the report is written, whatever it found.
+report says what was skipped and why; it is written again after each part, so that a run stopped from outside
+leaves what the finished parts found. The exit status is 0 whenever the report is written, whatever it found.
 
 Method of (b): one network on the GPU at a time; each path runs once untimed (for the compiled paths this includes
 compilation, reported), then up to ``--repeats`` timed forwards (CUDA-synchronised; the median is reported). The
@@ -1068,11 +1069,15 @@ def environment_lines(device: torch.device) -> list[str]:
     ]
 
 
-def assemble_report(header: Sequence[str], sections: Sequence[Section], *, budget_s: float, took_s: float) -> str:
-    """The Markdown report: header, a summary table of the parts, then one section per part."""
+def assemble_report(header: Sequence[str], sections: Sequence[Section], *, budget_s: float, took_s: float,
+                    pending: Sequence[str] = ()) -> str:
+    """The Markdown report: header, a summary table of the parts, then one section per part. ``pending``: the parts
+    still to run (a report written between parts, so that a run stopped from outside leaves what it measured)."""
+    still = (f' Written while running: {", ".join(PART_TITLES[p] for p in pending)} not done yet.' if pending
+             else '')
     lines = ['# HAT on a GPU: first check', '', *header, '',
              f'Run {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}, `python benchmarks/gpu_check.py`, budget '
-             f'{budget_s:.0f} s, took {took_s:.0f} s.', '',
+             f'{budget_s:.0f} s, took {took_s:.0f} s.{still}', '',
              f'Targets: at least {SPEED_TARGET:g}x the official computation\'s speed and at most '
              f'{MEMORY_TARGET:g}x its memory on the same GPU; HAT-L x4 at 480x640 in bf16 under '
              f'{HAT_L_BF16_LIMIT_BYTES / 1e9:g} GB.', '',
@@ -1130,9 +1135,11 @@ def run_child_part(part: str, limit_s: float, workdir: Path) -> list[dict]:
 
 def run_parts(parts: Sequence[str], budget_s: float, *, keep: bool,
               runner: Callable[[str, float, Path], list[dict]] = run_child_part,
-              clock: Callable[[], float] = time.monotonic) -> dict[str, tuple[list[dict], float]]:
+              clock: Callable[[], float] = time.monotonic,
+              after_part: Callable[[dict], None] | None = None) -> dict[str, tuple[list[dict], float]]:
     """Each part within its deadline (:func:`part_deadlines`): ``{part: (records, seconds)}``. ``runner`` runs the
-    parts of :data:`CHILD_PARTS`; the others run here (they are subprocesses already)."""
+    parts of :data:`CHILD_PARTS`; the others run here (they are subprocesses already). ``after_part`` is called
+    with what was found so far after each part."""
     deadlines = part_deadlines(parts, budget_s, clock())
     found = {}
     with tempfile.TemporaryDirectory(prefix='gpu_check_') as tmp:
@@ -1157,6 +1164,8 @@ def run_parts(parts: Sequence[str], budget_s: float, *, keep: bool,
                     emit('error', text=describe_error(error))
                 records = emit.records
             found[part] = (records, clock() - began)
+            if after_part is not None:
+                after_part(found)
     return found
 
 
@@ -1226,18 +1235,25 @@ def main(argv: list[str] | None = None) -> int:
     print('\n'.join(plan), file=sys.stderr, flush=True)
     device = torch.device('cuda')
     header = environment_lines(device)
-    found = run_parts(args.parts, args.budget_s, keep=args.keep)
-    sections = []
-    for part in args.parts:
-        records, seconds = found[part]
-        section = SECTION_BUILDERS[part](records)
-        section.seconds = seconds
-        sections.append(section)
-    report = assemble_report(header, sections, budget_s=args.budget_s, took_s=time.monotonic() - started)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report, encoding='utf-8')
-    raw = {'header': header, 'budget_s': args.budget_s, 'parts': {p: found[p][0] for p in args.parts}}
-    out.with_suffix('.json').write_text(json.dumps(raw, indent=1), encoding='utf-8')
+
+    def write_report(found: dict[str, tuple[list[dict], float]]) -> str:
+        """The report of the parts in ``found`` (and their raw records next to it), the others named as pending."""
+        done = [p for p in args.parts if p in found]
+        sections = []
+        for part in done:
+            records, seconds = found[part]
+            section = SECTION_BUILDERS[part](records)
+            section.seconds = seconds
+            sections.append(section)
+        report = assemble_report(header, sections, budget_s=args.budget_s, took_s=time.monotonic() - started,
+                                 pending=[p for p in args.parts if p not in found])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report, encoding='utf-8')
+        raw = {'header': header, 'budget_s': args.budget_s, 'parts': {p: found[p][0] for p in done}}
+        out.with_suffix('.json').write_text(json.dumps(raw, indent=1), encoding='utf-8')
+        return report
+
+    report = write_report(run_parts(args.parts, args.budget_s, keep=args.keep, after_part=write_report))
     print(report)
     print(f'Report written to {out} (measurements: {out.with_suffix(".json")}).', file=sys.stderr)
     return 0

@@ -2,6 +2,7 @@
 assembles from measurements, and the parts that can run on the CPU with a tiny HAT."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -457,3 +458,30 @@ def test_torchrun_part_removes_the_archived_experiment_folder_too(monkeypatch):
     gc.torchrun_part(gc.Deadline.after(60), emit)
     assert [r['item'] for r in emit.records if r['kind'] == 'row'] == ['first', 'resume']
     assert not list((REPO / 'experiments').glob('gpu_check_*'))
+
+
+def test_the_report_is_written_after_each_part(monkeypatch, tmp_path):
+    # A run stopped from outside (the GPU machine's time limit) must leave what the finished parts found.
+    out = tmp_path / 'gpu_check.md'
+    tests_records = [{'kind': 'pytest', 'ids': ['tests/test_cuda.py::test_x'], 'command': 'python -m pytest',
+                      'returncode': 0, 'timed_out': False, 'seconds': 5.0, 'summary': '1 passed in 4.00s',
+                      'skipped': [], 'tail': ''}]
+    seen = {}
+
+    def fake_run_parts(parts, budget_s, *, keep, after_part):
+        found = {'tests': (tests_records, 5.0)}
+        after_part(found)
+        seen['between'] = out.read_text()
+        found['torchrun'] = ([{'kind': 'check', 'name': 'resumed', 'ok': True}], 20.0)
+        return found
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(gc, 'environment_lines', lambda device: ['GPU: a test double.'])
+    monkeypatch.setattr(gc, 'run_parts', fake_run_parts)
+    assert gc.main(['--out', str(out), '--parts', 'tests,torchrun']) == 0
+    between, final = seen['between'], out.read_text()
+    assert '| (a) CUDA tests of the suite | 1 passed in 4.00s | 5 |' in between
+    assert f'Written while running: {gc.PART_TITLES["torchrun"]} not done yet.' in between
+    assert f'## {gc.PART_TITLES["torchrun"]}' not in between
+    assert 'not done yet' not in final and f'## {gc.PART_TITLES["torchrun"]}' in final
+    assert set(json.loads(out.with_suffix('.json').read_text())['parts']) == {'tests', 'torchrun'}
