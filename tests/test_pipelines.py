@@ -143,9 +143,12 @@ def test_test_pipeline_measures_the_trained_model(trained, image_set):
     net = load_net(model_path)
     expected = []
     for i in range(4):
-        lq = cv2.imread(str(image_set / 'lq' / f'img{i}.png'))[:, :, ::-1] / 255.0
+        # As the pipeline's data loader gives it: float32 / 255 (basicsr's imfrombytes) in a contiguous batch (its
+        # collate), so that the network computes the same sums in the same order. A permuted view can make the first
+        # convolution take a channels-last kernel (it did on torch 2.11), whose rounding can flip a pixel.
+        lq = cv2.imread(str(image_set / 'lq' / f'img{i}.png'))[:, :, ::-1].astype(np.float32) / 255.0
         with torch.no_grad():
-            sr = net(torch.from_numpy(lq.copy()).permute(2, 0, 1)[None].float())
+            sr = net(torch.from_numpy(lq.copy()).permute(2, 0, 1)[None].contiguous())
         sr_img = (sr[0].clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1] * 255.0).round().astype(np.uint8)
         assert np.array_equal(sr_img, cv2.imread(str(out_dir / f'img{i}_tiny_test.png')))
         gt = cv2.imread(str(image_set / 'gt' / f'img{i}.png'))
