@@ -315,6 +315,32 @@ def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypat
     assert padded._aligned_cache is None  # nothing cached with autograd: the next step's weights are new
 
 
+def test_compiled_blocks_trace_the_cuda_path_whole_and_compute_the_same(monkeypatch):
+    """``compile_blocks()`` (``train: {compile: true}``, gpu_check's compiled rows) on the path CUDA takes in
+    training, padded heads included: each block traces into one graph (``fullgraph``: a graph break fails), and the
+    output and every gradient equal the eager network's. ``aot_eager`` traces as the default backend does (dynamo
+    and AOT autograd) without generating code, so the test needs no compiler and runs in seconds."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = HAT(**tiny_hat_config(depths=(1, )))
+    x = torch.rand(1, 3, 12, 12)
+    want, want_grads = output_and_grads(net, x)
+    with torch.no_grad():
+        want_eval = net.eval()(x)
+    monkeypatch.setattr(HeadAttention, 'pads_heads', lambda self, x: True)
+    net.compile_blocks(backend='aot_eager', fullgraph=True)
+    try:
+        got, got_grads = output_and_grads(net.train(), x)
+        with torch.no_grad():
+            got_eval = net.eval()(x)  # inference: traced again, without autograd
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(got_eval, want_eval, atol=1e-6, rtol=1e-5)
+
+
 def test_pad_heads_inserts_zeros_after_each_head():
     qkv_weight, qkv_bias, proj_weight = torch.randn(3 * 2 * 3, 6), torch.randn(3 * 2 * 3), torch.randn(6, 6)
     w, b, p = pad_heads(qkv_weight, qkv_bias, proj_weight, heads=2)  # heads of 3 -> 8
