@@ -187,8 +187,10 @@ def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) 
         q, k, v = qkv.view(-1, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = attn.gathered_bias(rpi, n, n)
         attended = attention(q, k, v, bias, scale=attn.scale, fused=True)
-        # The OCAB's keys and values: as many windows, each of the enlarged window's tokens.
-        k_wide, v_wide = (torch.randn(windows, heads, n_keys, head_dim, generator=generator) for _ in range(2))
+        # The OCAB's keys and values: as many windows, each of the enlarged window's tokens (in q's dtype: bf16 under
+        # autocast, as the OCAB's projection gives them).
+        k_wide, v_wide = (torch.randn(windows, heads, n_keys, head_dim, generator=generator).to(q.dtype)
+                          for _ in range(2))
         bias_wide = ocab.gathered_bias(net.relative_position_index_OCA, n, n_keys)
         # The products alone, on the layout the kernels get (windows and heads folded into the batch).
         q_fold, v_fold = (t.reshape(-1, n, head_dim) for t in (q, v))

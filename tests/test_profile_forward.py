@@ -108,6 +108,10 @@ def test_the_kernels_alone_run_the_shapes_of_the_forward(tiny_net):
         ('CAB conv 3x3', '4 -> 12 channels, 16x16'),
     ]
     assert all(speed > 0 for _, _, speed in rates)
+    # Under bf16 autocast (--precision bf16) every kernel gets operands of one dtype: the same rows, all timed.
+    bf16_rates = profile_forward.kernel_rates(tiny_net, 16, bf16=True, repeats=1)
+    assert [name for name, _, _ in bf16_rates] == [name for name, _, _ in rates]
+    assert all(speed > 0 for _, _, speed in bf16_rates)
     assert profile_forward.kernel_table([('qkv', '[1024, 12] x [12, 36]', 123.4)], rate=400.0) == [
         '| kernel alone | shape | GFLOP/s | % of matmul rate |', '|---|---|---|---|',
         '| qkv | [1024, 12] x [12, 36] | 123 | 31% |']
