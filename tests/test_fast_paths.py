@@ -3,6 +3,7 @@ attention, the CPU linear layers and head-aligned projections, and bf16 on every
 both paths: test_hat_arch.py)."""
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -298,41 +299,30 @@ def test_heads_are_padded_for_the_cpu_flash_kernel_and_for_cuda():
     assert not WindowAttention(dim=32, window_size=4, num_heads=2).pads_heads(on_cuda)  # 16: aligned already
 
 
-def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypatch):
-    """The path CUDA takes (heads padded from the parameters at each call), run on the CPU with autograd: same
-    output, and the gradients of every parameter (those of the padded layers included) equal the unpadded ones."""
-    torch.manual_seed(0)
-    net = HAT(**tiny_hat_config(depths=(1, )))
-    x = torch.rand(1, 3, 12, 12)
-    want, want_grads = output_and_grads(net, x)
-    monkeypatch.setattr(HeadAttention, 'pads_heads', lambda self, x: True)
-    padded = net.layers[0].residual_group.blocks[0].attn
-    assert padded.qkv_layout(torch.randn(2, 12, requires_grad=True))[2] == 8  # heads of 6 laid out as 8
-    got, got_grads = output_and_grads(net, x)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
-    assert padded._aligned_cache is None  # nothing cached with autograd: the next step's weights are new
-
-
-def test_compiled_blocks_trace_the_cuda_path_whole_and_compute_the_same(monkeypatch):
-    """``compile_blocks()`` (``train: {compile: true}``, gpu_check's compiled rows) on the path CUDA takes in
-    training, padded heads included: each block traces into one graph (``fullgraph``: a graph break fails), and the
-    output and every gradient equal the eager network's. ``aot_eager`` traces as the default backend does (dynamo
-    and AOT autograd) without generating code, so the test needs no compiler and runs in seconds."""
+@pytest.mark.parametrize('compiled', [False, True])
+def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypatch, compiled):
+    """The path CUDA takes (heads padded from the parameters at each call), run on the CPU with autograd and in
+    inference: same output, and the gradients of every parameter (those of the padded layers included) equal the
+    unpadded ones. ``compiled``: the same under ``compile_blocks()`` (``train: {compile: true}``, gpu_check's
+    compiled rows), where each block must trace into one graph (``fullgraph``: a graph break fails). ``aot_eager``
+    traces as the default backend does (dynamo and AOT autograd) without generating code: no compiler needed."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = HAT(**tiny_hat_config(depths=(1, )))
     x = torch.rand(1, 3, 12, 12)
     want, want_grads = output_and_grads(net, x)
     with torch.no_grad():
-        want_eval = net.eval()(x)
+        want_eval = copy.deepcopy(net).eval()(x)  # a copy: its inference fills its own caches, not net's
     monkeypatch.setattr(HeadAttention, 'pads_heads', lambda self, x: True)
-    net.compile_blocks(backend='aot_eager', fullgraph=True)
+    padded = net.layers[0].residual_group.blocks[0].attn
+    assert padded.qkv_layout(torch.randn(2, 12, requires_grad=True))[2] == 8  # heads of 6 laid out as 8
+    if compiled:
+        net.compile_blocks(backend='aot_eager', fullgraph=True)
     try:
         got, got_grads = output_and_grads(net.train(), x)
+        assert padded._aligned_cache is None  # nothing cached with autograd: the next step's weights are new
         with torch.no_grad():
-            got_eval = net.eval()(x)  # inference: traced again, without autograd
+            got_eval = net.eval()(x)  # inference (compiled: traced again, without autograd)
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -444,7 +444,6 @@ def test_torchrun_part_on_the_cpu_trains_resumes_and_only_misses_nccl():
     assert not list((REPO / 'experiments').glob('gpu_check_*'))
 
 
-
 def test_torchrun_part_removes_the_archived_experiment_folder_too(monkeypatch):
     # A second run that cannot resume archives the first run's folder as <name>_archived_<time>: it goes as well.
     def fake_run(command, *, timeout, cwd):
