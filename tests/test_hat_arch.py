@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, GOLDEN_CASES, golden_config, golden_io, golden_net, golden_state_dict, tiny_hat_config
-from hat.archs.hat_arch import HAT
+from hat.archs.hat_arch import HAT, DropPath
 
 RELEASED = [f'{variant}_SRx{scale}' for variant in ('HAT-S', 'HAT', 'HAT-L') for scale in (2, 3, 4)]
 TOLERANCE = 1e-5
@@ -181,6 +181,21 @@ def test_bias_cache_follows_weight_updates():
         restored = net(x)
     assert (after - before).abs().max() > 1e-3
     assert torch.equal(restored, before)
+
+
+def test_drop_path_drops_whole_samples_and_scales_the_kept_ones():
+    torch.manual_seed(0)
+    drop = DropPath(0.25).train()
+    x = torch.rand(4000, 3, 5).add_(0.5).requires_grad_()
+    out = drop(x)
+    kept = out.detach().flatten(1).ne(0).all(1)
+    dropped = out.detach().flatten(1).eq(0).all(1)
+    assert torch.equal(kept, ~dropped)  # a sample is kept or dropped as a whole
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float().div(0.75).view(-1, 1, 1).expand_as(x))
+    assert drop.eval()(x) is x and DropPath(0.0).train()(x) is x
 
 
 @pytest.mark.parametrize('kwargs, message', [

@@ -62,8 +62,9 @@ class DropPath(nn.Module):
         if not self.active or not self.training:
             return x
         keep = self.keep_prob.to(x.dtype)
-        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        # The per-sample factor (0 or 1 / keep) is formed first: one pass over x, forward and backward, not two.
+        scale = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+        return x * scale
 
 
 class ChannelAttention(nn.Module):
