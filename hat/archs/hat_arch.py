@@ -308,15 +308,15 @@ class WindowAttention(HeadAttention):
         """
         n, heads = self.window_size * self.window_size, self.num_heads
         qkv, d = self.project_qkv(windows)
-        q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [W, heads, N, d]
         bias = self.gathered_bias(rpi, n, n)
         dropout_p = self.attn_drop if self.training else 0.0
-        outs, start = [], 0
-        for count, mask in groups:
-            part = slice(start, start + count)
-            start += count
-            out = attention(q[part], k[part], v[part], bias, scale=self.scale, fused=self.fused_attn,
-                            dropout_p=dropout_p, mask=mask)
+        outs = []
+        # split, not slicing: its backward writes each group's gradient into one tensor, where slices would each
+        # add a zero-filled gradient of the whole qkv map (one per group and per q, k and v) and sum them up.
+        group_qkv = qkv.view(-1, n, 3, heads, d).split([count for count, _ in groups])
+        for (_, mask), part in zip(groups, group_qkv):
+            q, k, v = part.permute(2, 0, 3, 1, 4).unbind(0)  # each [count, heads, N, d]
+            out = attention(q, k, v, bias, scale=self.scale, fused=self.fused_attn, dropout_p=dropout_p, mask=mask)
             outs.append(out.transpose(1, 2))  # [count, N, heads, d]: free for the flash kernel's output layout
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return self.proj_drop(self.project_out(out.reshape(-1, heads * d)))
