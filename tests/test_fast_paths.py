@@ -305,10 +305,12 @@ def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypat
     inference: same output, and the gradients of every parameter (those of the padded layers included) equal the
     unpadded ones. ``compiled``: the same under ``compile_blocks()`` (``train: {compile: true}``, gpu_check's
     compiled rows), where each block must trace into one graph (``fullgraph``: a graph break fails). ``aot_eager``
-    traces as the default backend does (dynamo and AOT autograd) without generating code: no compiler needed."""
+    traces as the default backend does (dynamo and AOT autograd) without generating code: no compiler needed.
+    Two blocks: the second shifts its windows (four mask groups on the 3 x 3 windows of the input)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    net = HAT(**tiny_hat_config(depths=(1, )))
+    net = HAT(**tiny_hat_config(depths=(2, ), drop_path_rate=0.0))  # no random branch drops
+    assert net.layers[0].residual_group.blocks[1].shift_size > 0
     x = torch.rand(1, 3, 12, 12)
     want, want_grads = output_and_grads(net, x)
     with torch.no_grad():

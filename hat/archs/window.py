@@ -184,11 +184,10 @@ def window_order(batch: int, height: int, width: int, window_size: int, shift_si
         keys = ((0, 0), )
     parts, groups = [], []
     for last_row, last_col in keys:
-        rows = torch.arange(n_rows)
-        cols = torch.arange(n_cols)
-        if shift_size > 0:
-            rows = rows[(rows == n_rows - 1) == bool(last_row)]
-            cols = cols[(cols == n_cols - 1) == bool(last_col)]
+        # The group's window rows and columns: the last one, or all the others (slices: sizes known when traced,
+        # where a boolean mask would give a data-dependent size that torch.compile cannot trace in one graph).
+        rows = torch.arange(n_rows)[_last_or_others(n_rows, last_row) if shift_size > 0 else slice(None)]
+        cols = torch.arange(n_cols)[_last_or_others(n_cols, last_col) if shift_size > 0 else slice(None)]
         if len(rows) == 0 or len(cols) == 0:
             continue
         # Position (y, x) of the rolled map holds the token ((y + shift) % H, (x + shift) % W) of the map.
@@ -202,6 +201,11 @@ def window_order(batch: int, height: int, width: int, window_size: int, shift_si
     gather_runs = gather[::run] // run
     return WindowOrder(gather.to(device), _inverse(gather).to(device), tuple(groups), run, gather_runs.to(device),
                        _inverse(gather_runs).to(device))
+
+
+def _last_or_others(count: int, last: int) -> slice:
+    """The last of ``count`` indices if ``last``, else all but the last."""
+    return slice(count - 1, count) if last else slice(0, count - 1)
 
 
 def _inverse(permutation: Tensor) -> Tensor:
