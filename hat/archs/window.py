@@ -177,40 +177,43 @@ def window_order(batch: int, height: int, width: int, window_size: int, shift_si
         see :func:`cached_outside_compile`).
     """
     n_rows, n_cols = height // window_size, width // window_size
-    local = torch.arange(window_size)
+    local = torch.arange(window_size, device=device)
     if shift_size > 0:
         keys = ((0, 0), (0, 1), (1, 0), (1, 1))  # (is_last_row, is_last_col)
     else:
         keys = ((0, 0), )
     parts, groups = [], []
     for last_row, last_col in keys:
-        # The group's window rows and columns: the last one, or all the others (slices: sizes known when traced,
-        # where a boolean mask would give a data-dependent size that torch.compile cannot trace in one graph).
-        rows = torch.arange(n_rows)[_last_or_others(n_rows, last_row) if shift_size > 0 else slice(None)]
-        cols = torch.arange(n_cols)[_last_or_others(n_cols, last_col) if shift_size > 0 else slice(None)]
+        rows = _group_windows(n_rows, last_row if shift_size > 0 else None, device)
+        cols = _group_windows(n_cols, last_col if shift_size > 0 else None, device)
         if len(rows) == 0 or len(cols) == 0:
             continue
         # Position (y, x) of the rolled map holds the token ((y + shift) % H, (x + shift) % W) of the map.
         y = (rows[:, None, None, None] * window_size + local[None, None, :, None] + shift_size) % height
         x = (cols[None, :, None, None] * window_size + local[None, None, None, :] + shift_size) % width
         flat = (y * width + x).reshape(-1)  # [windows * N], windows row-major, tokens row-major
-        parts.append((torch.arange(batch)[:, None] * (height * width) + flat[None]).reshape(-1))
+        parts.append((torch.arange(batch, device=device)[:, None] * (height * width) + flat[None]).reshape(-1))
         groups.append((batch * len(rows) * len(cols), last_row, last_col))
     gather = torch.cat(parts)
     run = math.gcd(window_size, shift_size)  # the window size when there is no shift
     gather_runs = gather[::run] // run
-    return WindowOrder(gather.to(device), _inverse(gather).to(device), tuple(groups), run, gather_runs.to(device),
-                       _inverse(gather_runs).to(device))
+    return WindowOrder(gather, _inverse(gather), tuple(groups), run, gather_runs, _inverse(gather_runs))
 
 
-def _last_or_others(count: int, last: int) -> slice:
-    """The last of ``count`` indices if ``last``, else all but the last."""
-    return slice(count - 1, count) if last else slice(0, count - 1)
+def _group_windows(count: int, last: int | None, device: torch.device) -> Tensor:
+    """Indices of a mask group's window rows (or columns) among ``count``: all of them without a shift (``last``
+    None), else the last one (``last`` 1) or all the others (0).
+
+    A slice, not a boolean mask: its size is known when torch.compile traces it, where a mask's size depends on the
+    data and breaks the block's graph (fails under ``fullgraph``).
+    """
+    part = slice(None) if last is None else slice(count - 1, count) if last else slice(0, count - 1)
+    return torch.arange(count, device=device)[part]
 
 
 def _inverse(permutation: Tensor) -> Tensor:
     inverse = torch.empty_like(permutation)
-    inverse[permutation] = torch.arange(permutation.numel())
+    inverse[permutation] = torch.arange(permutation.numel(), device=permutation.device)
     return inverse
 
 
@@ -230,13 +233,15 @@ def overlapping_window_index(batch: int, height: int, width: int, window_size: i
         :func:`window_order` without shift), tokens row-major inside each window.
     """
     pad = (overlap_win_size - window_size) // 2
-    local = torch.arange(overlap_win_size)
-    y = torch.arange(height // window_size)[:, None, None, None] * window_size + local[None, None, :, None] - pad
-    x = torch.arange(width // window_size)[None, :, None, None] * window_size + local[None, None, None, :] - pad
+    local = torch.arange(overlap_win_size, device=device)
+    window_rows = torch.arange(height // window_size, device=device)
+    window_cols = torch.arange(width // window_size, device=device)
+    y = window_rows[:, None, None, None] * window_size + local[None, None, :, None] - pad
+    x = window_cols[None, :, None, None] * window_size + local[None, None, None, :] - pad
     inside = ((y >= 0) & (y < height) & (x >= 0) & (x < width)).reshape(-1)
     flat = (y * width + x).reshape(-1)  # [windows * ows * ows]
-    index = torch.arange(batch)[:, None] * (height * width) + flat[None]
-    return torch.where(inside[None], index, batch * height * width).reshape(-1).to(device)
+    index = torch.arange(batch, device=device)[:, None] * (height * width) + flat[None]
+    return torch.where(inside[None], index, batch * height * width).reshape(-1)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
