@@ -333,6 +333,24 @@ def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypat
     torch.testing.assert_close(got_eval, want_eval, atol=1e-6, rtol=1e-5)
 
 
+def test_compiled_blocks_follow_changing_input_sizes():
+    """Compiled blocks see other sizes (validation images, tiles): PyTorch compiles again, with dynamic shapes from the
+    second size on, and each block must still trace into one graph (window indices, mask groups) and compute the
+    eager network's output."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = HAT(**tiny_hat_config(depths=(2, ), drop_path_rate=0.0)).eval()
+    eager = copy.deepcopy(net)
+    net.compile_blocks(backend='aot_eager', fullgraph=True)
+    try:
+        with torch.no_grad():
+            for size in ((16, 16), (16, 24)):  # the second compiles with dynamic shapes
+                x = torch.rand(1, 3, *size)
+                torch.testing.assert_close(net(x), eager(x), atol=1e-6, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_pad_heads_inserts_zeros_after_each_head():
     qkv_weight, qkv_bias, proj_weight = torch.randn(3 * 2 * 3, 6), torch.randn(3 * 2 * 3), torch.randn(6, 6)
     w, b, p = pad_heads(qkv_weight, qkv_bias, proj_weight, heads=2)  # heads of 3 -> 8
