@@ -10,13 +10,15 @@ model and options.
 ``setup()`` loads the default model once. The last model asked for stays loaded (with the last upscaler, so that
 ``tile=auto`` measures the memory once): a request for the same file reuses it, another file replaces it. Each
 prediction writes into a temporary folder of its own, removed when the next prediction starts (Cog has read the
-output by then; predictions of this synchronous predictor never overlap). A bad request (an image that does not
+output by then; predictions of this synchronous predictor never overlap); the last one goes with the predictor
+(garbage collection or the end of the process). A bad request (an image that does not
 decode, a model name outside ``experiments/pretrained_models/``, a tile that is no number) fails that prediction
 with a message saying what is wrong; the server goes on serving.
 """
 import logging
 import shutil
 import tempfile
+import weakref
 from pathlib import Path as FilePath
 from typing import Optional, Union
 
@@ -90,7 +92,7 @@ class Predictor(BaseRunner):
         self._model: Optional[ModelDescriptor] = None
         self._upscaler_key: Optional[tuple] = None
         self._upscaler: Optional[Upscaler] = None
-        self._workdir: Optional[FilePath] = None
+        self._remove_workdir: Optional[weakref.finalize] = None
         self.model_for(self.default_model)
 
     def model_for(self, name: str) -> ModelDescriptor:
@@ -124,11 +126,12 @@ class Predictor(BaseRunner):
 
     def _fresh_workdir(self) -> FilePath:
         """A new temporary folder for this prediction; the previous prediction's is removed (its output has been
-        read: predictions run one after another)."""
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-        self._workdir = FilePath(tempfile.mkdtemp(prefix='hat-predict-'))
-        return self._workdir
+        read: predictions run one after another). The new one is removed with the predictor at the latest."""
+        if self._remove_workdir is not None:
+            self._remove_workdir()
+        workdir = FilePath(tempfile.mkdtemp(prefix='hat-predict-'))
+        self._remove_workdir = weakref.finalize(self, shutil.rmtree, workdir, ignore_errors=True)
+        return workdir
 
     def run(
         self,

@@ -11,6 +11,7 @@ Needs ``cog`` and ``coglet`` (the Cog SDK and its HTTP server); skipped without 
 from __future__ import annotations
 
 import base64
+import gc
 import importlib.util
 import inspect
 import json
@@ -268,6 +269,17 @@ def test_each_prediction_writes_into_a_fresh_folder(tiny_predictor, tmp_path):
     second = Path(run_with_defaults(tiny_predictor, image=photo))
     assert second.is_file() and second.parent != first.parent
     assert not first.parent.exists()  # the previous prediction's folder goes when the next one starts
+
+
+def test_the_last_prediction_folder_goes_with_the_predictor(predict_module, models_dir, tmp_path):
+    predictor = predict_module.Predictor()
+    predictor.models_dir, predictor.default_model = models_dir, 'tiny_x2.pth'
+    predictor.setup()
+    output = Path(run_with_defaults(predictor, image=write_photo(tmp_path / 'photo.png', seed=9, h=8, w=8)))
+    assert output.is_file()
+    del predictor
+    gc.collect()
+    assert not output.parent.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
