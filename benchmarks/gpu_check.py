@@ -771,13 +771,15 @@ def torchrun_part(deadline: Deadline, emit: Recorder, *, keep: bool = False, fir
         total = first + more
         runs = [('first', torchrun_command(opt_file)),
                 ('resume', torchrun_command(opt_file, '--auto_resume', '--force_yml', f'train:total_iter={total}'))]
+        # torchrun's log folders (torchelastic_*) and its workers' multiprocessing folders go into ``work`` too.
+        env = dict(os.environ, TMPDIR=str(work))
         outputs = []
         for label, command in runs:
             if not deadline.fits(MIN_PART_S):
                 emit('skip', item=label, why=f'{max(deadline.remaining(), 0):.0f} s left')
                 return
             emit('start', item=label)
-            outcome = run_group(command, timeout=deadline.remaining(), cwd=ROOT)
+            outcome = run_group(command, timeout=deadline.remaining(), cwd=ROOT, env=env)
             outputs.append(outcome.output)
             emit('row', item=label, command=' '.join(['python', *command[1:]]).replace(str(ROOT) + '/', ''),
                  returncode=outcome.returncode, timed_out=outcome.timed_out, seconds=outcome.seconds,

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -432,8 +433,11 @@ def test_the_masked_attention_kernel_probe_reports_a_refusal_instead_of_raising(
 def test_torchrun_part_on_the_cpu_trains_resumes_and_only_misses_nccl():
     # Part (e) as the GPU run will do it, here with the nccl option falling back to gloo: two torchrun jobs, the
     # second resumed; every check that does not need CUDA must hold, and the experiment folder is removed.
+    system_temp = Path(tempfile.gettempdir())
+    left_before = set(system_temp.glob('torchelastic_*'))
     emit = gc.Recorder()
     gc.torchrun_part(gc.Deadline.after(300), emit, first=5, more=5)  # a state every 5 iterations
+    assert set(system_temp.glob('torchelastic_*')) == left_before  # torchrun's log folders went with the part's own
     rows = [r for r in emit.records if r['kind'] == 'row']
     assert [(r['item'], r['returncode']) for r in rows] == [('first', 0), ('resume', 0)], rows
     checks = {c['name']: c['ok'] for c in emit.records if c['kind'] == 'check'}
@@ -446,7 +450,7 @@ def test_torchrun_part_on_the_cpu_trains_resumes_and_only_misses_nccl():
 
 def test_torchrun_part_removes_the_archived_experiment_folder_too(monkeypatch):
     # A second run that cannot resume archives the first run's folder as <name>_archived_<time>: it goes as well.
-    def fake_run(command, *, timeout, cwd):
+    def fake_run(command, *, timeout, cwd, env):
         name = Path(command[command.index('-opt') + 1]).stem
         for folder in (name, f'{name}_archived_20261206_120000'):
             (REPO / 'experiments' / folder).mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,7 @@ def test_wrong_variant_checkpoint_names_the_mismatch(trained, image_set):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_on_the_cpu(image_set):
+def test_two_process_torchrun_on_the_cpu(image_set, tmp_path):
     """``torchrun --nproc_per_node=2 hat/train.py --launcher pytorch`` with the nccl option falls back to gloo."""
     name = f'pytest_ddp_{uuid.uuid4().hex[:8]}'
     exp = REPO / 'experiments' / name
@@ -202,7 +202,7 @@ def test_two_process_torchrun_on_the_cpu(image_set):
     opt.pop('val')
     opt['logger']['save_checkpoint_freq'] = 4
     opt_file = write_yaml(image_set / f'{name}.yml', opt)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path))  # torchrun's log folders: not in /tmp
     try:
         proc = subprocess.run(
             [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
