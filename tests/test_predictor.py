@@ -196,11 +196,17 @@ def tiny_predictor(predict_module, models_dir, monkeypatch):
         return real_load(path, **kwargs)
 
     monkeypatch.setattr(predict_module, 'load_model', counting_load)
+    predictor = set_up_tiny_predictor(predict_module, models_dir)
+    predictor.loads = loads
+    return predictor
+
+
+def set_up_tiny_predictor(predict_module, models_dir: Path):
+    """A Predictor serving ``models_dir`` (default ``tiny_x2.pth``), set up."""
     predictor = predict_module.Predictor()
     predictor.models_dir = models_dir
     predictor.default_model = 'tiny_x2.pth'
     predictor.setup()
-    predictor.loads = loads
     return predictor
 
 
@@ -272,9 +278,7 @@ def test_each_prediction_writes_into_a_fresh_folder(tiny_predictor, tmp_path):
 
 
 def test_the_last_prediction_folder_goes_with_the_predictor(predict_module, models_dir, tmp_path):
-    predictor = predict_module.Predictor()
-    predictor.models_dir, predictor.default_model = models_dir, 'tiny_x2.pth'
-    predictor.setup()
+    predictor = set_up_tiny_predictor(predict_module, models_dir)  # not the fixture, which keeps a reference
     output = Path(run_with_defaults(predictor, image=write_photo(tmp_path / 'photo.png', seed=9, h=8, w=8)))
     assert output.is_file()
     del predictor
