@@ -124,6 +124,25 @@ def test_chunked_attention_gradients_equal_the_reference(monkeypatch, per_window
     assert grads[0][3].abs().max() > 0.01  # the mask gradient is not trivially zero
 
 
+def test_bf16_chunked_attention_gradient_of_a_shared_mask(monkeypatch):
+    """In bf16 the shared mask's gradient (a sum over all windows, here 20 chunks) is accumulated in fp32: close to
+    the fp32 computation on the same bf16 values, and returned in the mask's dtype."""
+    monkeypatch.setattr(attention_module, 'LOGITS_CHUNK_ELEMENTS', 2 * 3 * 16 * 36)  # two windows per chunk
+    torch.manual_seed(0)
+    values = [torch.randn(40, 3, 16, 8), torch.randn(40, 3, 36, 8), torch.randn(40, 3, 36, 8),
+              torch.randn(1, 3, 16, 36)]
+    values = [t.bfloat16() for t in values]
+    grad_out = torch.randn(40, 3, 16, 8).bfloat16()
+    mask_grads = []
+    for run, dtype in ((chunked_attention, torch.bfloat16), (reference_attention, torch.float32)):
+        q, k, v, mask = [t.to(dtype, copy=True).requires_grad_() for t in values]
+        run(q, k, v, mask, scale=0.3).backward(grad_out.to(dtype))
+        mask_grads.append(mask.grad)
+    got, want = mask_grads
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape == (1, 3, 16, 36)
+    assert (got.float() - want).abs().max() < 0.01 * want.abs().max()
+
+
 def test_fused_bf16_cpu_attention_uses_the_chunked_path(monkeypatch):
     calls = []
     monkeypatch.setattr(attention_module, 'chunked_attention',
@@ -440,7 +459,7 @@ def test_mlp_keeps_dropout_after_the_fused_gelu():
 
 
 @pytest.mark.parametrize('bias', [True, False])
-def test_linear_gradients_equal_those_of_f_linear(bias):
+def test_linear_gradients_equal_those_of_f_linear(product_library, bias):
     torch.manual_seed(0)
     layer = Linear(12, 20, bias=bias)
     x = torch.randn(3, 7, 12, requires_grad=True)
