@@ -4,15 +4,16 @@ Every HAT linear layer multiplies a long list of tokens ([B * H * W, C], tens of
 weight (C = 144 or 180). On the CPU, in fp32, two things decide the speed of such products:
 
 * the library. PyTorch sends fp32 products to MKL, which on AMD processors takes a code path that reaches under half
-  of what oneDNN's AVX-512 kernels reach (one Zen 5 core, [4096, 180] x [180, 540]: 95 against 225 GFLOP/s). Where
-  PyTorch runs AVX2 kernels, MKL is as fast or faster (Zen 3, 2 threads: 135 against 117 GFLOP/s for row chunks of
-  the qkv product), and on Intel's AVX-512 processors it is too: forward products alike, and a HAT-S training
-  iteration 25% faster (Xeon, 2 threads), as MKL takes the transposed operands of the weight gradients in place
-  where oneDNN's linear needs them copied. :func:`cpu_product_library` picks oneDNN for AMD's AVX-512 CPUs and MKL
-  otherwise. Products into a new tensor without autograd (the qkv, q and output projections, fc1 with its GELU) go
-  to oneDNN on every AVX-512 CPU (:func:`fresh_product_library`): it adds the bias and applies the GELU while the
-  product is in registers, where MKL's addmm first copies the bias into the output and GELU takes one more pass
-  (Xeon, 2 threads, row chunks: [1024, 180] x [180, 540] 8-20% faster, fc1 + GELU 10%, bit-identical results).
+  of what oneDNN's AVX-512 kernels reach (one Zen 5 core, [4096, 180] x [180, 540]: 95 against 225 GFLOP/s; two Zen 4
+  cores: 117 against 192). Where PyTorch runs AVX2 kernels, MKL is as fast or faster (Zen 3, 2 threads: 135 against
+  117 GFLOP/s for row chunks of the qkv product), and on Intel's AVX-512 processors it is too: forward products
+  alike, and a HAT-S training iteration 25% faster (Xeon, 2 threads), as MKL takes the transposed operands of the
+  weight gradients in place where oneDNN's linear needs them copied. :func:`cpu_product_library` picks oneDNN for
+  AMD's AVX-512 CPUs (their weight gradients excepted, see :class:`_OneDNNLinear`) and MKL otherwise. Products into
+  a new tensor without autograd (the qkv, q and output projections, fc1 with its GELU) go to oneDNN on every AVX-512
+  CPU (:func:`fresh_product_library`): it adds the bias and applies the GELU while the product is in registers,
+  where MKL's addmm first copies the bias into the output and GELU takes one more pass (Xeon, 2 threads, row chunks:
+  [1024, 180] x [180, 540] 8-20% faster, fc1 + GELU 10%, bit-identical results).
 * the size of one call. One call over all rows of a 128x128 map ran the [16384, 180] x [180, 540] qkv product at
   80-86 GFLOP/s on a Zen 3 (2 threads) with either library, the same product in chunks of 1024 rows at 135: a
   chunk's input and output stay in cache. Without autograd the products run in chunks of :data:`ROW_CHUNK` rows,
