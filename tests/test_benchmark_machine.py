@@ -47,6 +47,7 @@ def test_bf16_matmul_rate_is_measured_only_when_asked(monkeypatch):
 
 def test_table_header_names_the_cpu(monkeypatch):
     monkeypatch.setattr(precision, 'cpu_model', lambda: 'AMD EPYC 7B13')
+    monkeypatch.setattr(precision, 'cpu_family_model', lambda: '')
     monkeypatch.setattr(precision, 'native_cpu_bf16', lambda: None)
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
     monkeypatch.setattr(torch, 'get_num_threads', lambda: 1)
@@ -54,6 +55,10 @@ def test_table_header_names_the_cpu(monkeypatch):
     assert line == 'CPU: AMD EPYC 7B13, 1 threads, torch capability AVX2, native bf16: no (emulated)'
     monkeypatch.setattr(precision, 'native_cpu_bf16', lambda: 'avx512_bf16')
     assert 'native bf16: yes (avx512_bf16)' in bench_inference.machine_line(torch.device('cpu'))
+    monkeypatch.setattr(precision, 'cpu_model', lambda: 'AMD EPYC')  # a virtual machine's generic name
+    monkeypatch.setattr(precision, 'cpu_family_model', lambda: 'family 25, model 17')
+    line = bench_inference.machine_line(torch.device('cpu'))
+    assert line.startswith('CPU: AMD EPYC (family 25, model 17), 1 threads')
 
 
 def test_matmul_share_follows_the_rate_of_each_round():

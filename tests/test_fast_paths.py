@@ -227,7 +227,8 @@ def test_cpu_vendor_from_cpuinfo_or_platform(monkeypatch, fields, processor, ven
 
 def test_cpuinfo_reads_the_first_processor(monkeypatch, tmp_path):
     from hat.utils import cpu
-    text = ('processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n'
+    text = ('processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n'
+            'model name\t: Intel(R) Xeon(R) Processor\n'
             'flags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nvendor_id\t: Other\n')
     (tmp_path / 'cpuinfo').write_text(text)
     real_path = cpu.Path
@@ -237,6 +238,7 @@ def test_cpuinfo_reads_the_first_processor(monkeypatch, tmp_path):
     try:
         assert cpu.cpu_vendor() == 'GenuineIntel' and cpu.cpu_model() == 'Intel(R) Xeon(R) Processor'
         assert cpu.cpu_flags() == {'fpu', 'avx2', 'avx512f', 'avx512_bf16'}
+        assert cpu.cpu_family_model() == 'family 6, model 143'
     finally:
         cpu.cpuinfo.cache_clear()
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from hat.utils.cpu import cpu_flags, cpu_model
+from hat.utils.cpu import cpu_family_model, cpu_flags, cpu_model
 
 logger = logging.getLogger('basicsr')
 
@@ -128,10 +128,12 @@ def default_device() -> str:
 
 def cpu_description() -> str:
     """One line naming the CPU for benchmark tables and logs:
-    ``AMD EPYC 7B13, 2 threads, torch capability AVX2, native bf16: no``."""
+    ``AMD EPYC (family 25, model 17), 2 threads, torch capability AVX512, native bf16: yes (avx512_bf16)``."""
     capability = torch.backends.cpu.get_cpu_capability()
     native = native_cpu_bf16()
-    return (f'{cpu_model()}, {torch.get_num_threads()} threads, torch capability {capability}, '
+    family_model = cpu_family_model()
+    name = f'{cpu_model()} ({family_model})' if family_model else cpu_model()
+    return (f'{name}, {torch.get_num_threads()} threads, torch capability {capability}, '
             f'native bf16: {"yes (" + native + ")" if native else "no (emulated)"}')
 
 

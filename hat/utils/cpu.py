@@ -41,6 +41,15 @@ def cpu_model() -> str:
     return cpuinfo().get('model name') or platform.processor() or platform.machine() or 'unknown CPU'
 
 
+def cpu_family_model() -> str:
+    """``'family 25, model 17'`` on x86 (``cpu family`` and ``model`` of ``/proc/cpuinfo``), else ``''``. Virtual
+    machines often name their CPU only ``AMD EPYC`` or ``Intel(R) Xeon(R) Processor``: these numbers tell the
+    generation (AMD family 25 is Zen 3 and Zen 4, told apart by the model; family 26 is Zen 5)."""
+    fields = cpuinfo()
+    family, model = fields.get('cpu family'), fields.get('model')
+    return f'family {family}, model {model}' if family and model else ''
+
+
 def cpu_vendor() -> str:
     """``'GenuineIntel'``, ``'AuthenticAMD'`` (x86), another ``vendor_id``, or ``''`` where unknown."""
     vendor = cpuinfo().get('vendor_id', '')
