@@ -726,10 +726,10 @@ def tiny_training_options(data_root: Path, name: str, total_iter: int) -> dict:
     }
 
 
-def torchrun_command(opt_file: Path, *extra: str) -> list[str]:
-    """``torchrun --standalone --nproc_per_node=1 hat/train.py -opt FILE --launcher pytorch ...`` (torchrun as a
-    module of this interpreter: the console script may not be on PATH; ``--standalone`` picks a free port)."""
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+def torchrun_command(opt_file: Path, *extra: str, processes: int = 1) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=PROCESSES hat/train.py -opt FILE --launcher pytorch ...`` (torchrun
+    as a module of this interpreter: the console script may not be on PATH; ``--standalone`` picks a free port)."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
             str(ROOT / 'hat' / 'train.py'), '-opt', str(opt_file), '--launcher', 'pytorch', *extra]
 
 

@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import yaml
 
 from conftest import REPO, tiny_hat_config
+from benchmarks.gpu_check import torchrun_command
 from hat.archs.hat_arch import HAT
 from hat.test import test_pipeline as run_test_pipeline
 from hat.train import train_pipeline
@@ -204,10 +204,8 @@ def test_two_process_torchrun_on_the_cpu(image_set, tmp_path):
     opt_file = write_yaml(image_set / f'{name}.yml', opt)
     env = dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path))  # torchrun's log folders: not in /tmp
     try:
-        proc = subprocess.run(
-            [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-             str(REPO / 'hat' / 'train.py'), '-opt', opt_file, '--launcher', 'pytorch'],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(torchrun_command(opt_file, processes=2), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (exp / 'models' / 'net_g_4.pth').is_file()
         log_text = next(exp.glob('train_*.log')).read_text()

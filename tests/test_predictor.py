@@ -370,9 +370,13 @@ def server(tmp_path_factory):
     """``make serve``'s command on a free port of 127.0.0.1, with this venv's bin first on PATH (Cog's worker runs
     the ``python`` found there)."""
     port = free_port()
-    log = tmp_path_factory.mktemp('server') / 'server.log'
+    folder = tmp_path_factory.mktemp('server')
+    log = folder / 'server.log'
+    # TMPDIR: the predictor's work folders and Cog's uploads stay in pytest's folder (a stopped server's last work
+    # folder is not removed by its finaliser).
     env = dict(os.environ, PORT=str(port), COG_PREDICT_TYPE_STUB='predict.py:Predictor', OMP_NUM_THREADS='1',
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get('PATH', '')]))
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get('PATH', '')]),
+               TMPDIR=str(folder))
     env.pop('HAT_FORCE_BF16', None)
     with open(log, 'wb') as sink:
         process = subprocess.Popen([sys.executable, '-m', 'cog.server.http', '--host', '127.0.0.1'], cwd=REPO,
