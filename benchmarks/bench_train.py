@@ -16,7 +16,10 @@ EMA 0.999). Modes (``--modes``):
     compile-bf16  + train: {compile: true, amp: bf16}
 
 Method: every mode runs ``--warmup`` iterations (compilation included), then ``--iters`` rounds in which the modes
-take one iteration each, interleaved; the table gives the median iteration time and iterations per second. Peak
+take one iteration each, interleaved; the table gives the median iteration time, iterations per second and the
+speed-up over the official computation: the ratio of the medians and, with two rounds or more, the range of the
+rounds' own ratios (each round runs the modes back to back, so the range shows how far the machine's speed moved
+during the run). Peak
 memory: each mode runs again in a fresh subprocess (with the allocator setting of ``bench_inference.py``, so that
 the resident size follows the memory in use); after one iteration (Adam's state exists then) the kernel's peak-RSS
 mark is reset and the peak growth of one more iteration over the resident size before it is reported (CUDA:
@@ -31,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -89,6 +93,20 @@ def step(model: HATModel, data: dict, iteration: int, device: torch.device) -> f
     model.optimize_parameters(iteration)
     synchronize(device)
     return time.perf_counter() - start
+
+
+def speed_up_cell(official: Sequence[float], mode: Sequence[float]) -> str:
+    """The speed-up column: ``'2.10x'`` (median official time over median time of the mode), followed by
+    ``' (rounds 1.48-2.39x)'``, the range of the per-round ratios, when there are two rounds or more.
+
+    Args:
+        official, mode: seconds per iteration of the same rounds, in round order.
+    """
+    cell = f'{statistics.median(official) / statistics.median(mode):.2f}x'
+    per_round = [base / own for base, own in zip(official, mode)]
+    if len(per_round) < 2:
+        return cell
+    return f'{cell} (rounds {min(per_round):.2f}-{max(per_round):.2f}x)'
 
 
 def memory_child(spec: dict) -> dict:
@@ -186,7 +204,10 @@ def main(argv: list[str] | None = None) -> str:
                 rows.append(f'| {variant} | {mode} | skipped: {errors[mode]} | | | | | |')
                 continue
             median = statistics.median(times[mode])
-            speed = f'{base / median:.2f}x' if base else '-'
+            if not base:
+                speed = '-'
+            else:
+                speed = '1.00x' if mode == 'official' else speed_up_cell(times['official'], times[mode])
             mem = memory.get(mode)
             mem_ratio = f'{mem / memory["official"]:.2f}' if mem and memory.get('official') else '-'
             label = f'{mode} (compile {setup[mode]:.0f} s)' if mode.startswith('compile') else mode

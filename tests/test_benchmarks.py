@@ -57,6 +57,12 @@ def test_paths_build_the_networks_they_name():
     assert not torch.equal(outputs['bf16'], outputs['fp32'])
 
 
+def test_training_speed_up_gives_the_ratio_of_medians_and_the_rounds_range():
+    # medians 11 and 5; the rounds' own ratios 2.0, 3.0 and 2.0
+    assert bench_train.speed_up_cell([10.0, 12.0, 11.0], [5.0, 4.0, 5.5]) == '2.20x (rounds 2.00-3.00x)'
+    assert bench_train.speed_up_cell([9.0], [3.0]) == '3.00x'  # one round: no range
+
+
 @pytest.mark.parametrize('mode, network, amp, checkpointing, compiled', [
     ('official', OfficialHAT, False, False, False),
     ('bf16', HAT, 'bf16', False, False),
