@@ -198,16 +198,18 @@ def main(argv: list[str] | None = None) -> str:
                 spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads}
                 memory[mode] = child_peak_mib(__file__, spec, args.memory_timeout, mode)
-        base = statistics.median(times['official']) if times.get('official') else None
+        official_times = times.get('official')
         for mode in args.modes:
             if mode in errors:
                 rows.append(f'| {variant} | {mode} | skipped: {errors[mode]} | | | | | |')
                 continue
             median = statistics.median(times[mode])
-            if not base:
+            if not official_times:
                 speed = '-'
+            elif mode == 'official':
+                speed = '1.00x'
             else:
-                speed = '1.00x' if mode == 'official' else speed_up_cell(times['official'], times[mode])
+                speed = speed_up_cell(official_times, times[mode])
             mem = memory.get(mode)
             mem_ratio = f'{mem / memory["official"]:.2f}' if mem and memory.get('official') else '-'
             label = f'{mode} (compile {setup[mode]:.0f} s)' if mode.startswith('compile') else mode
