@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import GOLDEN_CASES, golden_io, golden_net, output_and_grads, tiny_hat_config
 from hat.archs import attention as attention_module
+from hat.archs import hat_arch
 from hat.archs.attention import attention, chunked_attention, reference_attention
 from hat.archs import linear as linear_module
 from hat.archs.hat_arch import HAB, HAT, OCAB, HeadAttention, WindowAttention, pad_heads
@@ -352,6 +353,21 @@ def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypat
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
     torch.testing.assert_close(got_eval, want_eval, atol=1e-6, rtol=1e-5)
+
+
+def test_padded_heads_with_autograd_pad_the_qkv_projection_once(monkeypatch):
+    """With autograd the padded projections are built from the parameters at each call: the qkv projection once
+    per forward (the output projection pads only its own weight), and the gradients reach the parameters."""
+    monkeypatch.setattr(HeadAttention, 'pads_heads', lambda self, x: True)
+    padded_both, real_pad_heads = [], hat_arch.pad_heads
+    monkeypatch.setattr(hat_arch, 'pad_heads', lambda *args: padded_both.append(args) or real_pad_heads(*args))
+    attn = WindowAttention(dim=24, window_size=4, num_heads=2)  # heads of 12 laid out as 16
+    windows = torch.randn(2 * 16, 24, requires_grad=True)
+    out = attn(windows, relative_position_index_sa(4), [(2, None)])
+    assert out.shape == (32, 24) and len(padded_both) == 1
+    out.sum().backward()
+    assert attn.proj.weight.grad.shape == (24, 24) and attn.qkv.weight.grad.shape == (72, 24)
+    assert torch.count_nonzero(attn.proj.weight.grad) == 24 * 24
 
 
 def test_compiled_blocks_follow_changing_input_sizes():

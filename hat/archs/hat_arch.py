@@ -206,7 +206,10 @@ class HeadAttention(nn.Module):
         """
         if out.shape[-1] == self.proj.in_features:
             return self.proj(out)
-        _, _, proj_weight = self._aligned_projections()
+        if self._pads_at_each_call():  # only the proj weight: qkv_layout padded the qkv projection already
+            proj_weight = pad_proj_heads(self.proj.weight, self.num_heads)
+        else:
+            _, _, proj_weight = self._aligned_projections()
         return self.proj.forward_with(out, proj_weight, self.proj.bias)
 
     def attends_in_chunks(self, x: Tensor) -> bool:
@@ -231,14 +234,21 @@ class HeadAttention(nn.Module):
     def _aligned_projections(self) -> tuple[Tensor, Tensor | None, Tensor]:
         """(qkv weight [3 * heads * d8, C], qkv bias [3 * heads * d8] or None, proj weight [C, heads * d8]): cached
         for inference, padded from the parameters at each call with autograd or under torch.compile."""
-        layers = (self.qkv.weight, self.proj.weight, *([self.qkv.bias] if self.qkv.bias is not None else []))
-        if compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in layers)):
+        if self._pads_at_each_call():
             return pad_heads(self.qkv.weight, self.qkv.bias, self.proj.weight, self.num_heads)
-        key = _versions(*layers)
+        key = _versions(*self._projection_tensors())
         if self._aligned_cache is None or self._aligned_cache[0] != key:
             self._aligned_cache = (key, pad_heads(self.qkv.weight.detach(), _detached(self.qkv.bias),
                                                   self.proj.weight.detach(), self.num_heads))
         return self._aligned_cache[1]
+
+    def _projection_tensors(self) -> tuple[Tensor, ...]:
+        return (self.qkv.weight, self.proj.weight, *([self.qkv.bias] if self.qkv.bias is not None else []))
+
+    def _pads_at_each_call(self) -> bool:
+        """Whether the aligned projections are padded from the parameters at each call (autograd, torch.compile)
+        rather than cached."""
+        return compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in self._projection_tensors()))
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .half() move the tensors: drop the caches of the old device/dtype
@@ -263,8 +273,15 @@ def pad_heads(qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
     qkv_weight = F.pad(qkv_weight.view(3, heads, head_dim, channels), (0, 0, 0, extra)).view(-1, channels)
     if qkv_bias is not None:
         qkv_bias = F.pad(qkv_bias.view(3, heads, head_dim), (0, extra)).view(-1)
-    proj_weight = F.pad(proj_weight.view(channels, heads, head_dim), (0, extra)).view(channels, -1)
-    return qkv_weight, qkv_bias, proj_weight
+    return qkv_weight, qkv_bias, pad_proj_heads(proj_weight, heads)
+
+
+def pad_proj_heads(proj_weight: Tensor, heads: int) -> Tensor:
+    """The proj weight of :func:`pad_heads` alone: [C, heads * d] -> [C, heads * d8]."""
+    channels = proj_weight.shape[0]
+    head_dim = proj_weight.shape[1] // heads
+    extra = -head_dim % HEAD_ALIGNMENT
+    return F.pad(proj_weight.view(channels, heads, head_dim), (0, extra)).view(channels, -1)
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
