@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import REPO, tiny_hat_config
-from benchmarks.gpu_check import torchrun_command
+from benchmarks.gpu_check import tiny_training_options, torchrun_command
 from hat.archs.hat_arch import HAT
 from hat.test import test_pipeline as run_test_pipeline
 from hat.train import train_pipeline
@@ -29,27 +29,14 @@ METRICS = {
 
 
 def train_options(image_set: Path, name: str, total_iter: int = 20) -> dict:
-    paired = {'type': 'PairedImageDataset', 'dataroot_gt': str(image_set / 'gt'),
-              'dataroot_lq': str(image_set / 'lq'), 'io_backend': {'type': 'disk'}}
-    return {
-        'name': name, 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 1, 'manual_seed': 0,
-        'datasets': {
-            'train': {'name': 'tiny', **paired, 'gt_size': 32, 'use_hflip': True, 'use_rot': True,
-                      'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1},
-            'val_1': {'name': 'tinyval', **paired},
-        },
-        'network_g': dict(TINY_HAT),
-        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
-        'train': {
-            'ema_decay': 0.999, 'optim_g': {'type': 'Adam', 'lr': 2e-4, 'weight_decay': 0, 'betas': [0.9, 0.99]},
-            'scheduler': {'type': 'MultiStepLR', 'milestones': [15, 30], 'gamma': 0.5},
-            'total_iter': total_iter, 'warmup_iter': -1,
-            'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'},
-        },
-        'val': {'val_freq': 10, 'save_img': True, 'metrics': METRICS},
-        'logger': {'print_freq': 5, 'save_checkpoint_freq': 10, 'use_tb_logger': False},
-        'dist_params': {'backend': 'nccl', 'port': 29500},
-    }
+    """gpu_check's tiny training options (the same tiny x2 HAT, data and optimiser) with a learning-rate step
+    inside the run, a validation and a state every 10 iterations, saved images and PSNR/SSIM."""
+    opt = tiny_training_options(image_set, name, total_iter)
+    assert opt['network_g'] == TINY_HAT and opt['scale'] == SCALE
+    opt['train']['scheduler']['milestones'] = [15, 30]
+    opt['val'] = {'val_freq': 10, 'save_img': True, 'metrics': METRICS}
+    opt['logger']['save_checkpoint_freq'] = 10
+    return opt
 
 
 def write_yaml(path: Path, opt: dict) -> str:
