@@ -14,7 +14,8 @@ from conftest import REPO
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_inference, bench_train  # noqa: E402
+from benchmarks import alternate, bench_inference, bench_train  # noqa: E402
+from hat.archs import attention as attention_module, linear as linear_module  # noqa: E402
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 
@@ -81,3 +82,54 @@ def test_training_modes_are_option_keys(mode, network, amp, checkpointing, compi
         assert type(model.net_g) is network
         assert model.train_amp == (torch.bfloat16 if amp else None)
         assert all(layer.residual_group.use_checkpoint == checkpointing for layer in model.net_g.layers)
+
+
+def test_alternate_parses_settings_of_module_constants(capsys):
+    chunk = alternate.parse_setting('hat.archs.attention.LOGITS_CHUNK_ELEMENTS=1048576')
+    assert (chunk.module, chunk.name, chunk.value) == (attention_module, 'LOGITS_CHUNK_ELEMENTS', 1 << 20)
+    assert alternate.parse_setting('hat.archs.hat_arch.RECONSTRUCTION_BAND=32').value == 32
+    with pytest.raises(ValueError, match=r"hat.archs.linear has no 'ROW_CHUNKS'; its constants: .*ROW_CHUNK"):
+        alternate.parse_setting('hat.archs.linear.ROW_CHUNKS=64')
+    with pytest.raises(ValueError, match=r'ROW_CHUNK is 1024 \(int\); give a value of that type'):
+        alternate.parse_setting('hat.archs.linear.ROW_CHUNK=6.5')
+    with pytest.raises(ValueError, match="cannot import 'hat.archs.lineer'"):
+        alternate.parse_setting('hat.archs.lineer.ROW_CHUNK=6')
+    with pytest.raises(ValueError, match='expected package.module.NAME=VALUE'):
+        alternate.parse_setting('ROW_CHUNK=6')
+    with pytest.raises(SystemExit):
+        alternate.parse_args(['--set', 'hat.archs.linear.ROW_CHUNK=x'])
+    assert 'ROW_CHUNK is 1024 (int)' in capsys.readouterr().err
+
+
+def test_alternate_swaps_the_order_each_round_and_restores_the_constants():
+    setting = alternate.parse_setting('hat.archs.linear.ROW_CHUNK=64')
+    seen, ticks = [], iter(range(100))
+    a, b, outputs = alternate.alternate(lambda: seen.append(linear_module.ROW_CHUNK) or linear_module.ROW_CHUNK,
+                                        [setting], 3, torch.device('cpu'), clock=lambda: float(next(ticks)))
+    assert seen == [1024, 64, 64, 1024, 1024, 64]  # A first, then B first, then A first
+    assert a == b == [1.0, 1.0, 1.0] and outputs == [1024, 64]
+    assert linear_module.ROW_CHUNK == 1024
+    with pytest.raises(RuntimeError):
+        with alternate.applied([setting]):
+            assert linear_module.ROW_CHUNK == 64
+            raise RuntimeError
+    assert linear_module.ROW_CHUNK == 1024
+
+
+@pytest.mark.parametrize('task', ['inference', 'train'])
+def test_alternate_reports_each_round_and_the_median_ratio(task, tmp_path):
+    """HAT-S on a 16x16 image (inference) or a batch of one 16x16 patch (train), two rounds: smaller row chunks
+    change the speed, not the output."""
+    out = tmp_path / 'alternate.md'
+    report = alternate.main(['--task', task, '--variant', 'HAT-S', '--size', '16', '--batch', '1', '--patch', '16',
+                             '--rounds', '2', '--warmup', '0', '--set', 'hat.archs.linear.ROW_CHUNK=64',
+                             '--out', str(out)])
+    assert out.read_text() == report + '\n'
+    assert 'B: hat.archs.linear.ROW_CHUNK = 64. 2 rounds' in report
+    rows = [line for line in report.splitlines() if line.startswith('| ') and line[2].isdigit()]
+    assert len(rows) == 2 and '| **median** |' in report
+    a_seconds, b_seconds, ratio = (float(cell) for cell in rows[0].strip('| ').split(' | ')[1:])
+    assert ratio == pytest.approx(a_seconds / b_seconds, rel=0.02)  # seconds printed to the ms
+    assert ('Largest difference between the outputs of A and B: 0.00e+00' in report) == (task == 'inference')
+    assert ('training iteration, batch 1, LR patch 16x16' in report) == (task == 'train')
+    assert linear_module.ROW_CHUNK == 1024

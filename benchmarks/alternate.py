@@ -1,0 +1,204 @@
+"""Whether a setting makes HAT faster: two settings of module constants, alternated run by run in one process.
+
+    python benchmarks/alternate.py --set hat.archs.attention.LOGITS_CHUNK_ELEMENTS=1048576
+    python benchmarks/alternate.py --task train --variant HAT-S --batch 4 --patch 48 --precision bf16 \\
+        --set hat.archs.attention.LOGITS_CHUNK_ELEMENTS=524288 --rounds 14
+
+On a shared or virtual machine the speed moves by 10-20% from one minute to the next, more than most single
+changes make, and a kernel timed alone on data that stays in cache has been no guide to the whole forward. Here one
+model runs one input with setting A (the constants as they are) and setting B (``--set``) in turn: each round times
+one run of each, A first in even rounds and B first in odd ones, and the ratio of the two runs of a round cancels
+most of the machine's drift. The report gives each setting's median, the rounds' ratios A/B and their median (above
+1: B is faster), and for inference the largest difference between the two outputs.
+
+A run is one forward without autograd (``--task inference``, fp32 or under bf16 autocast, random weights, the
+benchmark image of bench_inference) or one training iteration of HATModel (``--task train``, as bench_train's fp32
+and bf16 modes: forward, L1 loss, backward, Adam, EMA). ``--set`` takes any module-level constant whose value is a
+number, a boolean or a string, read at call time (``LOGITS_CHUNK_ELEMENTS``, ``ROW_CHUNK``,
+``RECONSTRUCTION_BAND``, ...); it may be given several times.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import bench_inference, bench_train  # noqa: E402
+from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
+
+TASKS = ('inference', 'train')
+PRECISIONS = ('fp32', 'bf16')
+
+
+class Setting(NamedTuple):
+    """One ``--set``: ``module.NAME = value``."""
+    module: object
+    name: str
+    value: object
+
+
+def parse_setting(text: str) -> Setting:
+    """``'package.module.NAME=VALUE'`` -> :class:`Setting`; VALUE is a Python literal of the constant's type.
+
+    Raises:
+        ValueError: not of that form, no such module or constant, or a value of another type.
+    """
+    target, sep, literal = text.partition('=')
+    module_name, dot, name = target.strip().rpartition('.')
+    if not sep or not dot or not name:
+        raise ValueError(f'--set {text!r}: expected package.module.NAME=VALUE, e.g. '
+                         'hat.archs.attention.LOGITS_CHUNK_ELEMENTS=1048576')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f'--set {text!r}: cannot import {module_name!r} ({error})') from None
+    if not hasattr(module, name):
+        constants = sorted(n for n, v in vars(module).items() if n.isupper() and isinstance(v, (bool, int, float, str)))
+        raise ValueError(f'--set {text!r}: {module_name} has no {name!r}; its constants: {", ".join(constants)}')
+    current = getattr(module, name)
+    try:
+        value = ast.literal_eval(literal.strip())
+    except (ValueError, SyntaxError):
+        value = literal.strip()  # a bare word: a string
+    if not isinstance(current, (bool, int, float, str)) or type(value) is not type(current):
+        if not (type(current) is float and type(value) is int):
+            raise ValueError(f'--set {text!r}: {name} is {current!r} ({type(current).__name__}); give a value of '
+                             'that type')
+        value = float(value)
+    return Setting(module, name, value)
+
+
+@contextlib.contextmanager
+def applied(settings: Sequence[Setting]) -> Iterator[None]:
+    """The settings in force inside the block, the previous values restored after it (also on an error)."""
+    previous = [getattr(s.module, s.name) for s in settings]
+    try:
+        for s in settings:
+            setattr(s.module, s.name, s.value)
+        yield
+    finally:
+        for s, value in zip(settings, previous):
+            setattr(s.module, s.name, value)
+
+
+def inference_run(variant: str, size: int, precision: str, device: torch.device) -> Callable[[], torch.Tensor]:
+    """One forward of a variant x4 (random weights) on bench_inference's image [1, 3, size, size]."""
+    torch.manual_seed(0)
+    forward = bench_inference.build(precision, bench_inference.network_config(variant), None, device)
+    image = bench_inference.test_image(size).to(device)
+    return lambda: forward(image).float()
+
+
+def training_run(variant: str, batch: int, patch: int, precision: str,
+                 device: torch.device) -> Callable[[], None]:
+    """One training iteration of HATModel as bench_train's fp32 or bf16 mode (batch x 3 x patch x patch LR)."""
+    if precision == 'bf16' and not bench_inference.bf16_is_native(device):
+        os.environ[FORCE_BF16_ENV] = '1'  # time the emulated bf16 asked for, not the fp32 the policy would pick
+    model = bench_train.build_model(variant, precision, patch, device)
+    data = bench_train.make_batch(batch, patch, device)
+    iterations = itertools.count(1)
+
+    def run() -> None:
+        bench_train.step(model, data, next(iterations), device)
+
+    return run
+
+
+def alternate(run: Callable[[], object], settings: Sequence[Setting], rounds: int, device: torch.device,
+              clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], list[float], list]:
+    """Time ``run`` with the constants as they are (A) and with ``settings`` (B), alternately.
+
+    Returns:
+        (seconds of A per round, seconds of B per round, [output of A, output of B] of the last round).
+    """
+    times = {'A': [], 'B': []}
+    outputs = {}
+    for r in range(rounds):
+        for label in ('A', 'B') if r % 2 == 0 else ('B', 'A'):
+            with applied(settings if label == 'B' else ()):
+                bench_inference.synchronize(device)
+                start = clock()
+                outputs[label] = run()
+                bench_inference.synchronize(device)
+                times[label].append(clock() - start)
+    return times['A'], times['B'], [outputs.get('A'), outputs.get('B')]
+
+
+def report(args: argparse.Namespace, settings: Sequence[Setting], a: Sequence[float], b: Sequence[float],
+           outputs: Sequence, device: torch.device) -> list[str]:
+    ratios = [x / y for x, y in zip(a, b)]
+    what = (f'{args.variant} x4 forward at {args.size}x{args.size}' if args.task == 'inference'
+            else f'{args.variant} training iteration, batch {args.batch}, LR patch {args.patch}x{args.patch}')
+    changed = ', '.join(f'{s.module.__name__}.{s.name} = {s.value!r}' for s in settings)
+    lines = [f'{what}, {args.precision}. {bench_inference.machine_line(device)}.', '',
+             f'A: the constants as they are; B: {changed}. {len(a)} rounds after {args.warmup} warm-up run(s) of '
+             'each; load average ' + bench_inference.load_average() + '.', '',
+             '| round | A s | B s | A / B |', '|---|---|---|---|']
+    lines += [f'| {i + 1} | {x:.3f} | {y:.3f} | {r:.3f} |' for i, (x, y, r) in enumerate(zip(a, b, ratios))]
+    lines += [f'| **median** | {statistics.median(a):.3f} | {statistics.median(b):.3f} | '
+              f'**{statistics.median(ratios):.3f}** |', '']
+    verdict = (f'Median ratio {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}): '
+               'above 1, B is faster.')
+    if args.task == 'inference' and all(o is not None for o in outputs):
+        verdict += f' Largest difference between the outputs of A and B: {(outputs[0] - outputs[1]).abs().max():.2e}.'
+    return lines + [verdict]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--set', dest='settings', action='append', required=True, metavar='MODULE.NAME=VALUE',
+                        help='setting B (repeatable)')
+    parser.add_argument('--task', choices=TASKS, default='inference')
+    parser.add_argument('--variant', choices=bench_inference.VARIANTS, default='HAT')
+    parser.add_argument('--precision', choices=PRECISIONS, default='fp32')
+    parser.add_argument('--size', type=int, default=128, help='inference: LR side in pixels (default 128)')
+    parser.add_argument('--batch', type=int, default=4, help='train: batch (default 4)')
+    parser.add_argument('--patch', type=int, default=48, help='train: LR patch side, a multiple of 16 (default 48)')
+    parser.add_argument('--rounds', type=int, default=8)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', help='also write the Markdown report to this file')
+    args = parser.parse_args(argv)
+    try:
+        args.settings = [parse_setting(text) for text in args.settings]
+    except ValueError as error:
+        parser.error(str(error))
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error('--rounds must be at least 1 and --warmup at least 0')
+    if args.task == 'train' and args.patch % 16:
+        parser.error('--patch must be a multiple of 16 (the window size of the released variants)')
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.task == 'inference':
+        run = inference_run(args.variant, args.size, args.precision, device)
+    else:
+        run = training_run(args.variant, args.batch, args.patch, args.precision, device)
+    if args.warmup:
+        alternate(run, args.settings, args.warmup, device)
+    a, b, outputs = alternate(run, args.settings, args.rounds, device)
+    return bench_inference.publish(report(args, args.settings, a, b, outputs, device), args.out)
+
+
+if __name__ == '__main__':
+    main()
