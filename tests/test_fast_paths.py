@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import GOLDEN_CASES, golden_io, golden_net, output_and_grads, tiny_hat_config
 from hat.archs import attention as attention_module
-from hat.archs import hat_arch
+from hat.archs import hat_arch, onednn_graph
 from hat.archs.attention import attention, chunked_attention, reference_attention
 from hat.archs import linear as linear_module
 from hat.archs.hat_arch import HAB, HAT, OCAB, HeadAttention, WindowAttention, pad_heads
@@ -154,6 +154,77 @@ def test_fused_bf16_cpu_attention_uses_the_chunked_path(monkeypatch):
     assert calls == [(6, 4, 16, 8)] and out.shape == q.shape  # windows folded into the batch
     attention(q.float(), q.float(), q.float(), bias, scale=0.3, fused=True)
     assert len(calls) == 1  # fp32: scaled_dot_product_attention
+
+
+def test_bf16_cpu_inference_takes_onednn_graph_where_bf16_products_are_native(monkeypatch):
+    """With native bf16 products (mocked), bf16 attention without autograd runs as oneDNN Graph's fused kernel
+    (windows folded into the batch, the mask in bf16); with autograd, in fp32, or when the fused kernel gives up
+    (None), the chunked path."""
+    monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: True)
+    if not onednn_graph.available():
+        pytest.skip('this PyTorch has no oneDNN or no TorchScript oneDNN fusion')
+    fused_calls, chunked_calls, give_up = [], [], []
+
+    def fused(q, k, v, attn_mask, *, scale):
+        fused_calls.append((q.shape, attn_mask.shape, attn_mask.dtype))
+        return None if give_up else torch.ones(q.shape, dtype=q.dtype)
+
+    monkeypatch.setattr(onednn_graph, 'fused_attention', fused)
+    monkeypatch.setattr(attention_module, 'chunked_attention',
+                        lambda *a, **k: chunked_calls.append(a[0].shape) or torch.zeros(a[0].shape, dtype=a[0].dtype))
+    q = torch.randn(2, 3, 4, 16, 8, dtype=torch.bfloat16)
+    bias = torch.randn(4, 16, 16)
+    with torch.no_grad():
+        out = attention(q, q, q, bias, scale=0.3, fused=True)
+    assert fused_calls == [((6, 4, 16, 8), (1, 4, 16, 16), torch.bfloat16)] and not chunked_calls
+    assert out.shape == q.shape and torch.equal(out, torch.ones_like(q))
+    attention(q.requires_grad_(), q, q, bias, scale=0.3, fused=True)  # autograd
+    with torch.no_grad():
+        attention(q.float(), q.float(), q.float(), bias, scale=0.3, fused=True)  # fp32: the flash kernel
+        give_up.append(True)
+        out = attention(q, q, q, bias, scale=0.3, fused=True)
+    assert len(fused_calls) == 2 and chunked_calls == [(6, 4, 16, 8)] * 2 and torch.equal(out, torch.zeros_like(q))
+
+
+def test_onednn_graph_attention_computes_the_reference_in_bf16():
+    """The traced pattern (fused where the CPU has native bf16, TorchScript's own kernels elsewhere) on HAT-like
+    strided q, k, v and a shared and a per-window mask: the reference computation to bf16 accuracy. Each set of
+    shapes and strides is traced once; the process-wide oneDNN fusion setting is left as it was."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.jit, 'enable_onednn_fusion'):
+        pytest.skip('this PyTorch has no oneDNN or no TorchScript oneDNN fusion')
+    torch.manual_seed(0)
+    qkv = torch.randn(5, 16, 3, 2, 8)  # [windows, tokens, q/k/v, heads, d], as HAT's qkv projection lays them out
+    q, k, v = qkv.bfloat16().permute(2, 0, 3, 1, 4).unbind(0)  # strided views [5, 2, 16, 8]
+    fusion_before = torch._C._jit_llga_enabled()
+    for mask in (torch.randn(1, 2, 16, 16), torch.randn(5, 2, 16, 16)):
+        want = reference_attention(q.float(), k.float(), v.float(), mask, scale=0.35)
+        with torch.no_grad():
+            got = onednn_graph.fused_attention(q, k, v, mask.bfloat16(), scale=0.35)
+            if got is None:  # the callers' fallback, taken with a warning: a PyTorch whose TorchScript cannot
+                pytest.skip(f'oneDNN Graph declined here: {onednn_graph._failed}')  # trace this any more
+            again = onednn_graph.fused_attention(q, k, v, mask.bfloat16(), scale=0.35)
+        assert got.dtype == torch.bfloat16 and got.shape == (5, 2, 16, 8) and torch.equal(got, again)
+        assert (got.float() - want).abs().max() < 0.02 * want.abs().max()
+    assert len(onednn_graph._specialisations) == 2  # one per mask shape, none for the repeated calls
+    assert torch._C._jit_llga_enabled() == fusion_before
+
+
+def test_onednn_graph_attention_turns_itself_off_after_a_failure(monkeypatch):
+    monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: True)
+    if not onednn_graph.available():
+        pytest.skip('this PyTorch has no oneDNN or no TorchScript oneDNN fusion')
+
+    def broken_trace(*args, **kwargs):
+        raise RuntimeError('tracing is gone')
+
+    monkeypatch.setattr(torch.jit, 'trace', broken_trace)
+    q = torch.randn(2, 2, 16, 8, dtype=torch.bfloat16)
+    bias = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match='oneDNN Graph attention turned off.*tracing is gone'):
+            out = attention(q, q, q, bias, scale=0.3, fused=True)
+        want = chunked_attention(q, q, q, bias.unsqueeze(0), scale=0.3)
+    assert torch.equal(out, want) and not onednn_graph.available()
 
 
 def test_fused_attention_matches_reference_with_a_shared_mask():

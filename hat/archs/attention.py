@@ -5,8 +5,9 @@ Two interchangeable paths compute ``softmax(q k^T * scale + mask) v``:
 * fused (default): the relative-position bias and, for shifted windows, the shift mask are folded into one additive
   mask shared by all windows, and the kernel is chosen for the device and precision:
   ``scaled_dot_product_attention`` (on the CPU: its flash kernel, which never materialises the attention map) for
-  fp32 inference and on CUDA; :func:`chunked_attention` (explicit products over a few windows at a time) for bf16/fp16
-  and for training on the CPU, where it is the faster of the two.
+  fp32 inference and on CUDA; for bf16 inference on a CPU with native bf16, one fused oneDNN Graph kernel
+  (:mod:`hat.archs.onednn_graph`); :func:`chunked_attention` (explicit products over a few windows at a time) for
+  the rest of bf16/fp16 and for training on the CPU, where it is the faster of the two.
 * reference: the explicit computation in the official order (scale q, matmul, add bias, add mask, softmax, matmul),
   kept selectable so that tests can prove the fused path computes the same function.
 """
@@ -16,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from hat.archs import onednn_graph
+from hat.archs.window import compiling
 
 
 # Upper bound on the elements of one chunk of attention logits in :func:`chunked_attention`: a few MB, so that a
@@ -54,11 +58,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, fu
     # needs a gradient (training) PyTorch falls back to an unfused kernel slower than the chunked one.
     mask_needs_grad = torch.is_grad_enabled() and attn_mask.requires_grad
     if q.device.type == 'cpu' and dropout_p == 0 and (q.dtype in (torch.bfloat16, torch.float16) or mask_needs_grad):
-        out = chunked_attention(q, k, v, attn_mask, scale=scale)
+        out = None
+        if q.dtype == torch.bfloat16 and _takes_onednn_graph(q, k, v, attn_mask):
+            out = onednn_graph.fused_attention(q, k, v, attn_mask.to(q.dtype), scale=scale)
+        if out is None:
+            out = chunked_attention(q, k, v, attn_mask, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout_p,
                                              scale=scale)
     return out.view(*lead, *out.shape[-3:])
+
+
+def _takes_onednn_graph(*tensors: Tensor) -> bool:
+    """Whether bf16 CPU attention runs as one oneDNN Graph kernel: inference only (no autograd, not while
+    ``torch.compile`` or an exporter traces), where :func:`hat.archs.onednn_graph.available` says so."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not compiling() and not torch.jit.is_tracing() and onednn_graph.available()
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale: float) -> Tensor:
