@@ -3,11 +3,11 @@
 oneDNN's graph API recognises ``softmax(q k^T * scale + mask) v`` and runs it as one kernel that keeps each block
 of logits in cache between its two products and runs them on the CPU's bf16 instructions (AVX512-BF16, AMX).
 PyTorch reaches it through TorchScript: a traced and frozen module of exactly that pattern, run with oneDNN fusion
-on, is rewritten into one fusion group. On a Zen 4 (2 threads), HAT x4's forward at 128x128 under bf16 autocast ran
-about 10% faster with it than with :func:`~hat.archs.attention.chunked_attention` (the ratio of neighbouring
-forwards 1.02-1.16 over ten alternated rounds), one chunk of 4 windows alone 1.4-1.6x. In fp32 the forward was no
-faster than with PyTorch's flash kernel, so only bf16 takes this path, and only where the CPU computes bf16
-natively (where torch emulates it, oneDNN would too).
+on, is rewritten into one fusion group. On a Zen 4 (2 threads), HAT x4's forward at 128x128 under bf16 autocast took
+4.00 s with it against 4.37 s with :func:`~hat.archs.attention.chunked_attention` (eight alternated rounds), one
+chunk of 4 windows alone 1.3-1.6x less; with HAT-demo's small heads (12 channels, windows of 8) it was neither
+faster nor slower. In fp32 the forward was no faster than with PyTorch's flash kernel, so only bf16 takes this
+path, and only where the CPU computes bf16 natively (where torch emulates it, oneDNN would too).
 
 TorchScript is deprecated: the path is feature-detected, its FutureWarnings are silenced, and any failure (tracing,
 an API gone from a later PyTorch) turns it off for the process with one warning; callers then run the chunked
@@ -31,7 +31,8 @@ ENABLED = True
 
 _specialisations: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
 _failed: list[str] = []  # the reason, once the path has been turned off
-_build_lock = threading.Lock()  # one build at a time: each switches the process-wide fusion setting
+# Guards the cache and the builds: one build at a time, as each switches the process-wide fusion setting.
+_lock = threading.Lock()
 
 
 class _AttentionPattern(nn.Module):
@@ -70,19 +71,20 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale
     """
     key = (scale, *((t.shape, t.stride(), t.dtype) for t in (q, k, v, attn_mask)))
     try:
-        module = _specialisations.get(key)
-        if module is None:
-            module = _build(q, k, v, attn_mask, scale)
-            _specialisations[key] = module
-            while len(_specialisations) > MAX_SPECIALISATIONS:
-                _specialisations.popitem(last=False)
-        else:
-            _specialisations.move_to_end(key)
+        with _lock:
+            module = _specialisations.get(key)
+            if module is None:
+                module = _specialisations[key] = _build(q, k, v, attn_mask, scale)
+                while len(_specialisations) > MAX_SPECIALISATIONS:
+                    _specialisations.popitem(last=False)
+            else:
+                _specialisations.move_to_end(key)
         with torch.autocast('cpu', enabled=False):  # the inputs are bf16 already; autocast would only add casts
             return module(q, k, v, attn_mask)
     except Exception as error:  # noqa: BLE001 - any failure of the deprecated machinery: fall back, never break
         _failed.append(f'{type(error).__name__}: {error}')
-        _specialisations.clear()
+        with _lock:
+            _specialisations.clear()
         warnings.warn(f'oneDNN Graph attention turned off, the chunked attention serves instead ({_failed[-1]})',
                       RuntimeWarning, stacklevel=2)
         return None
@@ -91,12 +93,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale
 def _build(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float) -> torch.jit.ScriptModule:
     """Trace, freeze and run the pattern twice with oneDNN fusion on: TorchScript's profiling executor records the
     shapes in the first run and fuses in the second; the fused plan is kept by the module. The process-wide fusion
-    setting is restored afterwards."""
-    with _build_lock:
-        return _traced_and_fused(q, k, v, attn_mask, scale)
-
-
-def _traced_and_fused(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float) -> torch.jit.ScriptModule:
+    setting is restored afterwards. Called with :data:`_lock` held."""
     previous = torch._C._jit_llga_enabled()
     try:
         with warnings.catch_warnings(), torch.autocast('cpu', enabled=False):
