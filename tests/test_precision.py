@@ -7,6 +7,7 @@ hat-upscale, the Upscaler and HATModel's ``amp`` options.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import tiny_hat_config
+from hat.archs import onednn_graph
 from hat.archs.hat_arch import HAT
 from hat.inference import precision
 from hat.inference.precision import FORCE_BF16_ENV, detect_native_bf16, resolve_precision
@@ -163,6 +165,26 @@ def test_upscaler_runs_bf16_where_native(monkeypatch, tiny_checkpoint):
     out = upscaler.upscale_tensor(x)
     reference = Upscaler(net, precision='fp32', tile=None, progress=False).upscale_tensor(x)
     assert out.dtype == torch.float32 and not torch.equal(out, reference)  # really ran in bf16
+    assert (out - reference).abs().max() < 0.05
+
+
+def test_bf16_upscaling_with_auto_tiles_keeps_the_onednn_graph_attention(monkeypatch, tiny_checkpoint):
+    """``tile='auto'`` measures a forward's memory under a Python dispatch mode, where TorchScript cannot trace:
+    attention takes the chunked path there (a failed trace would turn the fused kernel off for the process), and
+    the fused kernel for the image itself."""
+    from hat.archs.detect import build_from_checkpoint
+    net = build_from_checkpoint(tiny_checkpoint)
+    native(monkeypatch, 'avx512_bf16')
+    monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: True)
+    if not onednn_graph.available():
+        pytest.skip('this PyTorch has no oneDNN or no TorchScript oneDNN fusion')
+    upscaler = Upscaler(net, precision='bf16', tile='auto', progress=False)
+    x = torch.rand(1, 3, 24, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)  # the fused kernel's "turned off" warning
+        out = upscaler.upscale_tensor(x)
+    assert onednn_graph.available() and len(onednn_graph._specialisations) > 0
+    reference = Upscaler(net, precision='fp32', tile=None, progress=False).upscale_tensor(x)
     assert (out - reference).abs().max() < 0.05
 
 

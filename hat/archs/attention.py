@@ -69,12 +69,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, fu
     return out.view(*lead, *out.shape[-3:])
 
 
+# How many Python dispatch modes are active (0 in a PyTorch without the counter: the fused path then relies on its
+# own fallback).
+_DISPATCH_MODES = getattr(torch._C, '_len_torch_dispatch_stack', lambda: 0)
+
+
 def _takes_onednn_graph(*tensors: Tensor) -> bool:
     """Whether bf16 CPU attention runs as one oneDNN Graph kernel: inference only (no autograd, not while
-    ``torch.compile`` or an exporter traces), where :func:`hat.archs.onednn_graph.available` says so."""
+    ``torch.compile`` or an exporter traces), where :func:`hat.archs.onednn_graph.available` says so. Not under a
+    Python dispatch mode (the memory measurement of ``tile='auto'``, fake tensors) nor on tensor subclasses either:
+    TorchScript cannot trace through them."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
+    if _DISPATCH_MODES() > 0 or any(type(t) is not Tensor for t in tensors):
+        return False
     return not compiling() and not torch.jit.is_tracing() and onednn_graph.available()
+
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale: float) -> Tensor:
