@@ -86,7 +86,6 @@ def _takes_onednn_graph(*tensors: Tensor) -> bool:
     return not compiling() and not torch.jit.is_tracing() and onednn_graph.available()
 
 
-
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale: float) -> Tensor:
     """Explicit attention over chunks of windows: the CPU path for bf16/fp16 and for training.
 
