@@ -109,11 +109,11 @@ def image_set(tmp_path_factory) -> Path:
 def cpu_without_native_bf16(monkeypatch):
     """Tests see a CPU without native bf16 whatever machine runs them, so that ``precision: auto`` means fp32 and
     results do not depend on the CPU class; tests of the bf16 policy patch the capability themselves. For the same
-    reason bf16 attention takes the chunked path, not oneDNN Graph's fused kernel (tested on its own)."""
+    reason bf16 attention takes the chunked path, not oneDNN Graph's fused kernel (tested on its own), which asks
+    the same detection."""
     from hat.archs import onednn_graph
     from hat.inference import precision
     monkeypatch.setattr(precision, 'native_cpu_bf16', lambda: None)
-    monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: False)
     onednn_graph.reset()
     # Where a test makes bf16 native, it is also twice as fast as fp32 (as on an AMD Zen 4), unless it says otherwise.
     monkeypatch.setattr(precision, 'cpu_bf16_speedup', lambda: 2.0)

@@ -48,9 +48,10 @@ class _AttentionPattern(nn.Module):
 
 
 def native_bf16_products() -> bool:
-    """Whether oneDNN runs bf16 products on this CPU's own bf16 instructions (AVX512-BF16 or AMX)."""
-    probes = (getattr(torch.cpu, '_is_avx512_bf16_supported', None), getattr(torch.cpu, '_is_amx_tile_supported', None))
-    return any(probe is not None and probe() for probe in probes)
+    """Whether oneDNN runs bf16 products on this CPU's own bf16 instructions: the precision policy's detection
+    (:func:`hat.inference.precision.native_cpu_bf16`), x86's AVX512-BF16 or AMX only (the fused kernel is x86's)."""
+    from hat.inference.precision import X86_BF16_FLAGS, native_cpu_bf16  # here: hat.inference imports hat.archs
+    return native_cpu_bf16() in X86_BF16_FLAGS
 
 
 def available() -> bool:
