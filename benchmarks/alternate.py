@@ -138,12 +138,12 @@ def alternate(run: Callable[[], object], settings: Sequence[Setting], rounds: in
     return times['A'], times['B'], [outputs.get('A'), outputs.get('B')]
 
 
-def report(args: argparse.Namespace, settings: Sequence[Setting], a: Sequence[float], b: Sequence[float],
-           outputs: Sequence, device: torch.device) -> list[str]:
+def report(args: argparse.Namespace, a: Sequence[float], b: Sequence[float], outputs: Sequence,
+           device: torch.device) -> list[str]:
     ratios = [x / y for x, y in zip(a, b)]
     what = (f'{args.variant} x4 forward at {args.size}x{args.size}' if args.task == 'inference'
             else f'{args.variant} training iteration, batch {args.batch}, LR patch {args.patch}x{args.patch}')
-    changed = ', '.join(f'{s.module.__name__}.{s.name} = {s.value!r}' for s in settings)
+    changed = ', '.join(f'{s.module.__name__}.{s.name} = {s.value!r}' for s in args.settings)
     lines = [f'{what}, {args.precision}. {bench_inference.machine_line(device)}.', '',
              f'A: the constants as they are; B: {changed}. {len(a)} rounds after {args.warmup} warm-up run(s) of '
              'each; load average ' + bench_inference.load_average() + '.', '',
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.warmup:
         alternate(run, args.settings, args.warmup, device)
     a, b, outputs = alternate(run, args.settings, args.rounds, device)
-    return bench_inference.publish(report(args, args.settings, a, b, outputs, device), args.out)
+    return bench_inference.publish(report(args, a, b, outputs, device), args.out)
 
 
 if __name__ == '__main__':
