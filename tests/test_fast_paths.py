@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -184,6 +185,51 @@ def test_bf16_cpu_inference_takes_onednn_graph_where_bf16_products_are_native(mo
         give_up.append(True)
         out = attention(q, q, q, bias, scale=0.3, fused=True)
     assert len(fused_calls) == 2 and chunked_calls == [(6, 4, 16, 8)] * 2 and torch.equal(out, torch.zeros_like(q))
+
+
+def test_bf16_training_attention_runs_the_fused_forward_and_recomputes_the_weights(monkeypatch):
+    """With native bf16 products (mocked), bf16 attention with autograd runs its forward as the fused kernel, once
+    for all windows, and recomputes the weights chunk by chunk in the backward: output and gradients as those of
+    the chunked forward that keeps the weights, to bf16 rounding, and the same to the bit when the fused kernel
+    gives up (None)."""
+    monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: True)
+    if not onednn_graph.available():
+        pytest.skip('this PyTorch has no oneDNN or no TorchScript oneDNN fusion')
+    monkeypatch.setattr(attention_module, 'LOGITS_CHUNK_ELEMENTS', 2 * 3 * 16 * 36)  # two windows per chunk
+    torch.manual_seed(0)
+    values = [torch.randn(10, 3, 16, 8), torch.randn(10, 3, 36, 8), torch.randn(10, 3, 36, 8),
+              torch.randn(1, 3, 16, 36)]  # OCAB-like: 16 queries, 36 keys; one mask for all windows
+    values = [t.bfloat16() for t in values]
+    grad_out = torch.randn(10, 3, 16, 8).bfloat16()
+    real_kernel, calls, give_up = onednn_graph.fused_attention, [], []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[0].shape)
+        return None if give_up else real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(onednn_graph, 'fused_attention', kernel)
+
+    def run(recompute: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(attention_module, 'RECOMPUTE_BF16', recompute)
+        leaves = [t.clone().requires_grad_() for t in values]
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # e.g. the tracer's about reading .grad of non-leaf inputs
+            out = chunked_attention(*(t * 1 for t in leaves), scale=0.3)  # non-leaf inputs, as in the model
+        out.backward(grad_out)
+        return [out] + [t.grad for t in leaves]
+
+    kept = run(False)
+    assert not calls
+    recomputed = run(True)
+    if onednn_graph._failed:
+        pytest.skip(f'oneDNN Graph declined here: {onednn_graph._failed}')
+    assert calls == [(10, 3, 16, 8)]
+    for name, got, want in zip(('out', 'q', 'k', 'v', 'mask'), recomputed, kept):
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape, name
+        assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max(), name
+    give_up.append(True)
+    assert all(torch.equal(got, want) for got, want in zip(run(True), kept))
+    assert len(calls) == 2
 
 
 def test_onednn_graph_attention_computes_the_reference_in_bf16():

@@ -7,7 +7,8 @@ Two interchangeable paths compute ``softmax(q k^T * scale + mask) v``:
   ``scaled_dot_product_attention`` (on the CPU: its flash kernel, which never materialises the attention map) for
   fp32 inference and on CUDA; for bf16 inference on a CPU with native bf16, one fused oneDNN Graph kernel
   (:mod:`hat.archs.onednn_graph`); :func:`chunked_attention` (explicit products over a few windows at a time) for
-  the rest of bf16/fp16 and for training on the CPU, where it is the faster of the two.
+  the rest of bf16/fp16 and for training on the CPU, where it is the faster of the two (in bf16 training with
+  native bf16, its forward is the fused kernel and its backward recomputes the weights).
 * reference: the explicit computation in the official order (scale q, matmul, add bias, add mask, softmax, matmul),
   kept selectable so that tests can prove the fused path computes the same function.
 """
@@ -25,6 +26,9 @@ from hat.archs.window import compiling
 # Upper bound on the elements of one chunk of attention logits in :func:`chunked_attention`: a few MB, so that a
 # chunk's logits stay in cache between the two products and inference memory does not grow with the image.
 LOGITS_CHUNK_ELEMENTS = 1 << 21
+# bf16 training on CPUs with native bf16: the attention's forward as the fused oneDNN Graph kernel, P recomputed in
+# the backward (see :class:`_ChunkedAttention`). False: P kept from a chunked forward, as in fp32.
+RECOMPUTE_BF16 = True
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, fused: bool,
@@ -139,26 +143,39 @@ class _ChunkedAttention(torch.autograd.Function):
     With P the weights of a chunk and dO the output gradient: dV = P^T dO, dS = P * (dO V^T - rowsum(...)) (the
     softmax backward), dQ = scale * dS K, dK = scale * dS^T Q, and the mask's gradient is dS (summed over the
     windows when one mask serves them all).
+
+    In bf16 where the fused oneDNN Graph kernel serves (:func:`_takes_onednn_graph`; the forward runs without
+    autograd), the forward is that kernel and the backward recomputes each chunk's P (:data:`RECOMPUTE_BF16`):
+    the kernel keeps its logits in cache, and no P is written out and read back (over a GB per HAT-S iteration at
+    batch 4, 48x48). P is then recomputed at bf16 rounding from the forward's own. In fp32 recomputing P made the
+    iteration 7% slower (Zen 4; slower still with PyTorch's flash kernel as the forward), so fp32 keeps the weights.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ctx.scale = scale
+        ctx.mask_shape = attn_mask.shape
+        if RECOMPUTE_BF16 and q.dtype == torch.bfloat16 and _takes_onednn_graph(q, k, v, attn_mask):
+            out = onednn_graph.fused_attention(q, k, v, attn_mask, scale=scale)
+            if out is not None:
+                ctx.save_for_backward(q, k, v, attn_mask)
+                return out
         out = q.new_empty(q.shape)
         weights = []
         for part in _chunks(q, k):
             weights.append(_attention_weights(q[part], k[part], attn_mask, part, scale))
             torch.bmm(weights[-1], _fold(v[part]), out=_fold(out[part]))
-        ctx.save_for_backward(q, k, v, *weights)
-        ctx.scale = scale
-        ctx.mask_shape = attn_mask.shape
+        ctx.save_for_backward(q, k, v, None, *weights)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-        q, k, v, *weights = ctx.saved_tensors
+        q, k, v, attn_mask, *weights = ctx.saved_tensors
         scale, shared_mask = ctx.scale, ctx.mask_shape[0] == 1
+        if attn_mask is not None:  # the forward was the fused kernel: recompute P chunk by chunk
+            weights = (_attention_weights(q[part], k[part], attn_mask, part, scale) for part in _chunks(q, k))
         grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # A shared mask's gradient is the sum of every window's logit gradient, accumulated in fp32 one window at a

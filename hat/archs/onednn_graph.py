@@ -1,4 +1,4 @@
-"""bf16 attention for CPU inference as one fused oneDNN Graph partition.
+"""bf16 attention on the CPU as one fused oneDNN Graph partition: inference, and the forward of training.
 
 oneDNN's graph API recognises ``softmax(q k^T * scale + mask) v`` and runs it as one kernel that keeps each block
 of logits in cache between its two products and runs them on the CPU's bf16 instructions (AVX512-BF16, AMX).
@@ -7,7 +7,9 @@ on, is rewritten into one fusion group. On a Zen 4 (2 threads), HAT x4's forward
 4.00 s with it against 4.37 s with :func:`~hat.archs.attention.chunked_attention` (eight alternated rounds), one
 chunk of 4 windows alone 1.3-1.6x less; with HAT-demo's small heads (12 channels, windows of 8) it was neither
 faster nor slower. In fp32 the forward was no faster than with PyTorch's flash kernel, so only bf16 takes this
-path, and only where the CPU computes bf16 natively (where torch emulates it, oneDNN would too).
+path, and only where the CPU computes bf16 natively (where torch emulates it, oneDNN would too). bf16 training runs
+its attention's forward here too, its backward recomputing the weights
+(:class:`~hat.archs.attention._ChunkedAttention`).
 
 TorchScript is deprecated: the path is feature-detected, its FutureWarnings are silenced, and any failure (tracing,
 an API gone from a later PyTorch) turns it off for the process with one warning; callers then run the chunked
@@ -96,6 +98,9 @@ def _build(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float) -> 
     shapes in the first run and fuses in the second; the fused plan is kept by the module. The process-wide fusion
     setting is restored afterwards. Called with :data:`_lock` held."""
     previous = torch._C._jit_llga_enabled()
+    # Traced detached: from an autograd function's forward (training) the inputs may be non-leaf tensors that need
+    # a gradient, whose .grad the tracer reads with a warning.
+    q, k, v, attn_mask = (t.detach() for t in (q, k, v, attn_mask))
     try:
         with warnings.catch_warnings(), torch.autocast('cpu', enabled=False):
             warnings.simplefilter('ignore', FutureWarning)  # TorchScript's deprecation notices
