@@ -156,7 +156,8 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ctx.scale = scale
         ctx.mask_shape = attn_mask.shape
-        if RECOMPUTE_BF16 and q.dtype == torch.bfloat16 and _takes_onednn_graph(q, k, v, attn_mask):
+        if (RECOMPUTE_BF16 and q.device.type == 'cpu' and q.dtype == torch.bfloat16
+                and _takes_onednn_graph(q, k, v, attn_mask)):
             out = onednn_graph.fused_attention(q, k, v, attn_mask, scale=scale)
             if out is not None:
                 ctx.save_for_backward(q, k, v, attn_mask)
