@@ -24,7 +24,6 @@ import ast
 import contextlib
 import importlib
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -38,7 +37,6 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import bench_inference, bench_train  # noqa: E402
-from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 
 TASKS = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
@@ -106,8 +104,8 @@ def inference_run(variant: str, size: int, precision: str, device: torch.device)
 def training_run(variant: str, batch: int, patch: int, precision: str,
                  device: torch.device) -> Callable[[], None]:
     """One training iteration of HATModel as bench_train's fp32 or bf16 mode (batch x 3 x patch x patch LR)."""
-    if precision == 'bf16' and not bench_inference.bf16_is_native(device):
-        os.environ[FORCE_BF16_ENV] = '1'  # time the emulated bf16 asked for, not the fp32 the policy would pick
+    if precision == 'bf16':
+        bench_train.force_emulated_bf16(device)
     model = bench_train.build_model(variant, precision, patch, device)
     data = bench_train.make_batch(batch, patch, device)
     iterations = itertools.count(1)

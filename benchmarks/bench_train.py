@@ -74,6 +74,16 @@ def model_options(variant: str, mode: str, patch: int, device: torch.device) -> 
     }
 
 
+def force_emulated_bf16(device: torch.device) -> bool:
+    """Where bf16 is emulated on ``device``, make the precision policy run the bf16 that a benchmark asked for
+    instead of the fp32 it would pick (sets :data:`~hat.inference.precision.FORCE_BF16_ENV`). Returns whether bf16
+    is emulated here."""
+    if bf16_is_native(device):
+        return False
+    os.environ[FORCE_BF16_ENV] = '1'
+    return True
+
+
 def make_batch(batch: int, patch: int, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(0)
     lq = torch.rand(batch, 3, patch, patch, generator=generator)
@@ -163,9 +173,7 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device(args.device)
     started = time.time()
     timing_bf16 = any('bf16' in m for m in args.modes)
-    emulated = timing_bf16 and not bf16_is_native(device)
-    if emulated:  # asked for explicitly: time real bf16, not the fp32 that the precision policy would run instead
-        os.environ[FORCE_BF16_ENV] = '1'
+    emulated = timing_bf16 and force_emulated_bf16(device)  # asked for explicitly: time bf16 wherever it runs
     rates = matmul_rates(device, bf16=timing_bf16)
     note = ' bf16 is emulated on this machine: the bf16 rows time the emulation (asked for by --modes).' \
         if emulated else ''

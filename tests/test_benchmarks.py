@@ -84,6 +84,17 @@ def test_training_modes_are_option_keys(mode, network, amp, checkpointing, compi
         assert all(layer.residual_group.use_checkpoint == checkpointing for layer in model.net_g.layers)
 
 
+@pytest.mark.parametrize('native', [True, False])
+def test_bf16_benchmarks_force_bf16_only_where_it_is_emulated(native, monkeypatch):
+    """bench_train and alternate time the bf16 they are asked for: where it is emulated (the precision policy would
+    run fp32) they set HAT_FORCE_BF16; where it is native they leave the policy alone."""
+    monkeypatch.setenv('HAT_FORCE_BF16', 'recorded')  # so that the teardown removes what the function sets
+    monkeypatch.delenv('HAT_FORCE_BF16')
+    monkeypatch.setattr(bench_train, 'bf16_is_native', lambda device: native)
+    assert bench_train.force_emulated_bf16(torch.device('cpu')) is not native
+    assert bench_train.os.environ.get('HAT_FORCE_BF16') == (None if native else '1')
+
+
 def test_alternate_parses_settings_of_module_constants(capsys):
     chunk = alternate.parse_setting('hat.archs.attention.LOGITS_CHUNK_ELEMENTS=1048576')
     assert (chunk.module, chunk.name, chunk.value) == (attention_module, 'LOGITS_CHUNK_ELEMENTS', 1 << 20)
