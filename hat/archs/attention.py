@@ -63,7 +63,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, fu
     mask_needs_grad = torch.is_grad_enabled() and attn_mask.requires_grad
     if q.device.type == 'cpu' and dropout_p == 0 and (q.dtype in (torch.bfloat16, torch.float16) or mask_needs_grad):
         out = None
-        if q.dtype == torch.bfloat16 and _takes_onednn_graph(q, k, v, attn_mask):
+        if _takes_onednn_graph(q, k, v, attn_mask):
             out = onednn_graph.fused_attention(q, k, v, attn_mask.to(q.dtype), scale=scale)
         if out is None:
             out = chunked_attention(q, k, v, attn_mask, scale=scale)
@@ -78,11 +78,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, fu
 _DISPATCH_MODES = getattr(torch._C, '_len_torch_dispatch_stack', lambda: 0)
 
 
-def _takes_onednn_graph(*tensors: Tensor) -> bool:
-    """Whether bf16 CPU attention runs as one oneDNN Graph kernel: inference only (no autograd, not while
-    ``torch.compile`` or an exporter traces), where :func:`hat.archs.onednn_graph.available` says so. Not under a
-    Python dispatch mode (the memory measurement of ``tile='auto'``, fake tensors) nor on tensor subclasses either:
-    TorchScript cannot trace through them."""
+def _takes_onednn_graph(q: Tensor, *others: Tensor) -> bool:
+    """Whether attention of query ``q`` (and k, v, mask: ``others``) runs as one oneDNN Graph kernel: q a bf16 CPU
+    tensor (the mask is converted to its dtype), without autograd (inference, or the forward of an autograd
+    function), not while ``torch.compile`` or an exporter traces, where :func:`hat.archs.onednn_graph.available` says
+    so. Not under a Python dispatch mode (the memory measurement of ``tile='auto'``, fake tensors) nor on tensor
+    subclasses either: TorchScript cannot trace through them."""
+    if q.device.type != 'cpu' or q.dtype != torch.bfloat16:
+        return False
+    tensors = (q, *others)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if _DISPATCH_MODES() > 0 or any(type(t) is not Tensor for t in tensors):
@@ -156,8 +160,7 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ctx.scale = scale
         ctx.mask_shape = attn_mask.shape
-        if (RECOMPUTE_BF16 and q.device.type == 'cpu' and q.dtype == torch.bfloat16
-                and _takes_onednn_graph(q, k, v, attn_mask)):
+        if RECOMPUTE_BF16 and _takes_onednn_graph(q, k, v, attn_mask):
             out = onednn_graph.fused_attention(q, k, v, attn_mask, scale=scale)
             if out is not None:
                 ctx.save_for_backward(q, k, v, attn_mask)
