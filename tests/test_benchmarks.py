@@ -4,6 +4,7 @@ The benchmarks themselves take minutes; they are run by hand (see README, sectio
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -92,7 +93,7 @@ def test_bf16_benchmarks_force_bf16_only_where_it_is_emulated(native, monkeypatc
     monkeypatch.delenv('HAT_FORCE_BF16')
     monkeypatch.setattr(bench_train, 'bf16_is_native', lambda device: native)
     assert bench_train.force_emulated_bf16(torch.device('cpu')) is not native
-    assert bench_train.os.environ.get('HAT_FORCE_BF16') == (None if native else '1')
+    assert os.environ.get('HAT_FORCE_BF16') == (None if native else '1')
 
 
 def test_alternate_parses_settings_of_module_constants(capsys):
