@@ -15,11 +15,12 @@ EMA 0.999). Modes (``--modes``):
     compile       + train: {compile: true} (torch.compile of each block), fp32
     compile-bf16  + train: {compile: true, amp: bf16}
 
-Method: every mode runs ``--warmup`` iterations (compilation included), then ``--iters`` rounds in which the modes
-take one iteration each, interleaved; the table gives the median iteration time, iterations per second and the
-speed-up over the official computation: the ratio of the medians and, with two rounds or more, the range of the
-rounds' own ratios (each round runs the modes back to back, so the range shows how far the machine's speed moved
-during the run). Peak
+Method: every mode runs in a process of its own (:mod:`benchmarks.workers`: sharing one process, the modes changed
+each other's speed through the C allocator, the official computation's most). Each runs ``--warmup`` iterations
+(compilation included), then ``--iters`` rounds in which the modes take one iteration each, in turn (one process
+computes at a time); the table gives the median iteration time, iterations per second and the speed-up over the
+official computation: the ratio of the medians and, with two rounds or more, the range of the rounds' own ratios
+(each round runs the modes back to back, so the range shows how far the machine's speed moved during the run). Peak
 memory: each mode runs again in a fresh subprocess (with the allocator setting of ``bench_inference.py``, so that
 the resident size follows the memory in use); after one iteration (Adam's state exists then) the kernel's peak-RSS
 mark is reset and the peak growth of one more iteration over the resident size before it is reported (CUDA:
@@ -47,6 +48,7 @@ import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, bf16_is_native, child_peak_mib, default_paths,  # noqa: E402
                                         load_average, machine_line, matmul_rates, names_from, network_config,
                                         peak_growth_mib, publish, synchronize)
+from benchmarks.workers import Worker, serve  # noqa: E402
 from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 from hat.models.hat_model import HATModel  # noqa: E402
 
@@ -119,6 +121,20 @@ def speed_up_cell(official: Sequence[float], mode: Sequence[float]) -> str:
     return f'{cell} (rounds {min(per_round):.2f}-{max(per_round):.2f}x)'
 
 
+def timing_worker(spec: dict) -> tuple:
+    """Runs in a process of its own (``--worker``): builds a mode's model, warms it up, and then serves requests
+    ``{'iteration': i}`` with ``{'seconds': ...}``, one iteration each (see :func:`benchmarks.workers.serve`)."""
+    torch.set_num_threads(spec['threads'])
+    device = torch.device(spec['device'])
+    start = time.perf_counter()
+    model = build_model(spec['variant'], spec['mode'], spec['patch'], device)
+    data = make_batch(spec['batch'], spec['patch'], device)
+    for i in range(spec['warmup']):
+        step(model, data, i + 1, device)
+    info = {'loss': model.get_current_log()['l_pix'], 'setup_s': time.perf_counter() - start}
+    return (lambda request: {'seconds': step(model, data, request['iteration'], device)}), info
+
+
 def memory_child(spec: dict) -> dict:
     """Runs in a fresh process: peak memory growth of one training iteration after the first (MiB)."""
     torch.set_num_threads(spec['threads'])
@@ -138,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--patch', type=int, default=32, help='LR patch side (a multiple of 16, default 32)')
     parser.add_argument('--iters', type=int, default=3, help='timed rounds (default 3)')
-    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--warmup', type=int, default=2, help='untimed iterations per mode (default 2: the official '
+                        'computation\'s first iterations are 1.5-2x slower than its later ones)')
     parser.add_argument('--quick', action='store_true', help='HAT-S only, modes official, fp32 (and bf16 where '
                         'native)')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
@@ -147,6 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--memory-timeout', type=float, default=1800)
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     bf16_modes = tuple(m for m in MODES if 'bf16' in m)
     if args.quick:
@@ -166,6 +184,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        serve(lambda: timing_worker(spec))
+        return ''
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return ''
@@ -179,30 +201,38 @@ def main(argv: list[str] | None = None) -> str:
         if emulated else ''
     rows = [f'HATModel training iterations. {machine_line(device)}.{note}', '',
             f'torch {torch.__version__}; batch {args.batch}, LR patch {args.patch}x{args.patch} '
-            f'(x4); {args.iters} interleaved rounds after {args.warmup} warm-up.', '',
+            f'(x4); each mode in a process of its own; {args.iters} interleaved rounds after {args.warmup} '
+            'warm-up.', '',
             '| variant | mode | median s/iter | iter/s | speed-up vs official | peak MiB | memory vs official | '
             'loss after warm-up |', '|---|---|---|---|---|---|---|---|']
     for variant in args.variants:
         print(f'{variant} ...', file=sys.stderr, flush=True)
-        data = make_batch(args.batch, args.patch, device)
-        models, setup, times, losses, errors = {}, {}, {m: [] for m in args.modes}, {}, {}
-        for mode in args.modes:
-            start = time.perf_counter()
-            try:
-                model = build_model(variant, mode, args.patch, device)
-                for i in range(args.warmup):
-                    step(model, data, i + 1, device)
-                losses[mode] = model.get_current_log()['l_pix']
-                models[mode] = model
-            except Exception as error:  # reported in the table (e.g. torch.compile without a compiler)
-                errors[mode] = f'{type(error).__name__}: {str(error).splitlines()[0][:100]}'
-            setup[mode] = time.perf_counter() - start
-        for r in range(args.iters):
-            for mode, model in models.items():
-                times[mode].append(step(model, data, args.warmup + r + 1, device))
+        workers, setup, times, losses, errors = {}, {}, {m: [] for m in args.modes}, {}, {}
+        try:
+            for mode in args.modes:  # one at a time: the warm-ups do not overlap
+                spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
+                        'device': str(device), 'threads': args.threads, 'warmup': args.warmup}
+                worker = Worker(__file__, spec)
+                if 'error' in worker.ready:  # reported in the table (e.g. torch.compile without a compiler)
+                    errors[mode] = worker.ready['error']
+                    worker.close()
+                    continue
+                workers[mode] = worker
+                losses[mode], setup[mode] = worker.ready['loss'], worker.ready['setup_s']
+            for r in range(args.iters):
+                for mode, worker in list(workers.items()):
+                    answer = worker.request({'iteration': args.warmup + r + 1})
+                    if 'error' in answer:
+                        errors[mode] = answer['error']
+                        workers.pop(mode).close()
+                    else:
+                        times[mode].append(answer['seconds'])
+        finally:
+            for worker in workers.values():
+                worker.close()
         memory = {}
         if not args.no_memory:
-            for mode in models:
+            for mode in workers:
                 spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads}
                 memory[mode] = child_peak_mib(__file__, spec, args.memory_timeout, mode)

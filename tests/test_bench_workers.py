@@ -1,0 +1,95 @@
+"""benchmarks.workers: one process per timed computation, driven in turn over pipes; and bench_train on top of it."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_train, workers  # noqa: E402
+
+
+def replies(text: str) -> list[dict]:
+    return [json.loads(line[len(workers.REPLY_MARK):]) for line in text.splitlines()
+            if line.startswith(workers.REPLY_MARK)]
+
+
+def test_serve_answers_each_request_after_ready(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, 'stdout', out)
+    workers.serve(lambda: ((lambda request: {'double': 2 * request['x']}), {'setup_s': 1.5}),
+                  requests=io.StringIO('{"x": 3}\n\n{"x": -1}\n'))
+    assert replies(out.getvalue()) == [{'ready': True, 'setup_s': 1.5}, {'double': 6}, {'double': -2}]
+
+
+def test_serve_replies_a_failed_setup_and_stops(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, 'stdout', out)
+
+    def setup():
+        raise RuntimeError('no compiler found\nlong trace')
+
+    workers.serve(setup, requests=io.StringIO('{"x": 1}\n'))
+    assert replies(out.getvalue()) == [{'error': 'RuntimeError: no compiler found'}]
+
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    sys.path.insert(0, {repo!r})
+    from benchmarks import workers
+    spec = json.loads(sys.argv[2])
+    print('a library logging to stdout', flush=True)
+    if spec.get('crash'):
+        sys.exit(3)
+    workers.serve(lambda: ((lambda request: {{'sum': spec['base'] + request['x'], 'pid': os.getpid()}}),
+                           {{'base': spec['base']}}))
+''')
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / 'worker.py'
+    path.write_text(SCRIPT.format(repo=str(REPO)))
+    return str(path)
+
+
+def test_workers_keep_their_state_in_processes_of_their_own(script):
+    first, second = workers.Worker(script, {'base': 10}), workers.Worker(script, {'base': 100})
+    try:
+        assert first.ready == {'ready': True, 'base': 10}  # the line printed before the reply is skipped
+        answers = [first.request({'x': 1}), second.request({'x': 2}), first.request({'x': 3})]
+        assert [a['sum'] for a in answers] == [11, 102, 13]
+        assert answers[0]['pid'] == answers[2]['pid'] == first.process.pid != second.process.pid
+    finally:
+        first.close()
+        second.close()
+    assert first.process.returncode == 0 and second.process.returncode == 0
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(script):
+    worker = workers.Worker(script, {'base': 0, 'crash': True})
+    assert 'exited (code 3) without a reply' in worker.ready['error']
+    worker.close()
+
+
+def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
+    """Two tiny modes, two rounds: a row per mode with its speed-up and the range of the rounds."""
+    out = tmp_path / 'train.md'
+    report = bench_train.main(['--variants', 'HAT-S', '--modes', 'official,fp32', '--batch', '1', '--patch', '16',
+                               '--iters', '2', '--warmup', '1', '--no-memory', '--out', str(out)])
+    assert out.read_text() == report + '\n'
+    assert 'each mode in a process of its own; 2 interleaved rounds after 1 warm-up' in report
+    rows = {line.split(' | ')[1]: line.split(' | ') for line in report.splitlines() if line.startswith('| HAT-S')}
+    assert set(rows) == {'official', 'fp32'}
+    official, fp32 = float(rows['official'][2]), float(rows['fp32'][2])
+    assert rows['official'][4] == '1.00x'
+    speed_up, rounds = rows['fp32'][4].split('x (rounds ')
+    assert float(speed_up) == pytest.approx(official / fp32, rel=0.02) and rounds.endswith('x)')
+    assert rows['official'][7] == rows['fp32'][7]  # the same loss after the warm-up: same weights, same batch
