@@ -19,9 +19,11 @@ rate is measured only when a bf16 path runs. Every table header names the machin
 capability and whether bf16 is native, or the GPU.
 
 Method:
-* Time: every path runs ``--warmup`` times (not timed; for the compiled paths this includes compilation, whose time
-  is reported), then ``--repeats`` rounds in which the paths run one after another (interleaved, so that a change of
-  machine load hits all of them alike); the table gives the median wall time and the fastest round.
+* Time: every path runs in a process of its own (:mod:`benchmarks.workers`; in one shared process the official
+  computation's forward was up to 15% slower, through the C allocator), ``--warmup`` times first (not timed; for the
+  compiled paths this includes compilation, whose time is reported), then ``--repeats`` rounds in which the paths
+  run one after another (interleaved, so that a change of machine load hits all of them alike); the table gives the
+  median wall time and the fastest round.
 * Memory: on the CPU, each (variant, size, path) runs in a fresh subprocess whose C allocator returns every block
   of 128 KiB or more to the system when it is freed (``MALLOC_MMAP_THRESHOLD_=131072``), so that the resident size
   follows the memory in use instead of what the allocator keeps for reuse. One forward warms up, then the kernel's
@@ -53,6 +55,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +69,7 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
+from benchmarks.workers import Worker, serve  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.precision import device_description, native_bf16  # noqa: E402
 
@@ -324,41 +328,76 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float('inf') if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def bench_config(variant: str, size: int, paths: list[str], args, device: torch.device,
-                 state_dict: dict | None) -> dict[str, PathResult]:
-    cfg = network_config(variant)
-    if state_dict is None:
+def path_worker(spec: dict) -> tuple:
+    """Runs in a process of its own (``--worker``): builds one path, runs its warm-up forwards, saves the output to
+    ``spec['output_file']``, then serves requests ``{}`` with ``{'seconds': ...}``, one forward each (see
+    :func:`benchmarks.workers.serve`). The weights: ``spec['weights']`` or the seeded random initialisation, the
+    same in every worker."""
+    torch.set_num_threads(spec['threads'])
+    device = torch.device(spec['device'])
+    cfg = network_config(spec['variant'])
+    if spec['weights']:
+        from hat.io.checkpoints import load_state_dict
+        state_dict = load_state_dict(spec['weights'])
+    else:
         torch.manual_seed(0)
         state_dict = HAT(**cfg).state_dict()
-    x = test_image(size).to(device)
+    x = test_image(spec['size']).to(device)
+    start = time.perf_counter()
+    forward = build(spec['path'], cfg, state_dict, device)
+    for _ in range(spec['warmup']):
+        out = forward(x)
+    synchronize(device)
+    setup_s = time.perf_counter() - start
+    torch.save(out.float().cpu(), spec['output_file'])
+
+    def timed(_request: dict) -> dict:
+        synchronize(device)
+        begin = time.perf_counter()
+        forward(x)
+        synchronize(device)
+        return {'seconds': time.perf_counter() - begin}
+
+    return timed, {'setup_s': setup_s}
+
+
+def bench_config(variant: str, size: int, paths: list[str], args, device: torch.device) -> dict[str, PathResult]:
+    """Each path in a process of its own (:mod:`benchmarks.workers`), the forwards interleaved round by round; the
+    matrix-product rates of each round measured here, while the workers wait."""
     results = {p: PathResult() for p in paths}
-    forwards = {}
-    for path in paths:
-        start = time.perf_counter()
+    workers = {}
+    with tempfile.TemporaryDirectory() as outputs:
         try:
-            forward = build(path, cfg, state_dict, device)
-            for _ in range(args.warmup):
-                out = forward(x)
-            synchronize(device)
-            results[path].output = out.float().cpu()
-            forwards[path] = forward
-        except Exception as error:  # a path that cannot run here (e.g. no compiler for torch.compile) is reported
-            results[path].error = f'{type(error).__name__}: {str(error).splitlines()[0][:120]}'
-            print(f'  {path}: skipped ({results[path].error})', file=sys.stderr)
-        results[path].setup_s = time.perf_counter() - start
-    timing_bf16 = any(p in BF16_PATHS for p in forwards)
-    for _ in range(args.repeats):
-        for path, forward in forwards.items():
-            synchronize(device)
-            start = time.perf_counter()
-            forward(x)
-            synchronize(device)
-            results[path].times.append(time.perf_counter() - start)
-        round_rates = matmul_rates(device, bf16=timing_bf16, repeats=2)
-        for path in forwards:
-            results[path].round_rates.append(peak_rate(path, round_rates))
+            for path in paths:  # one at a time: the warm-ups do not overlap
+                spec = {'variant': variant, 'size': size, 'path': path, 'device': str(device),
+                        'threads': args.threads, 'warmup': args.warmup, 'weights': args.weights,
+                        'output_file': os.path.join(outputs, f'{path}.pt')}
+                worker = Worker(__file__, spec)
+                if 'error' in worker.ready:  # a path that cannot run here (e.g. no compiler for torch.compile)
+                    results[path].error = worker.ready['error']
+                    print(f'  {path}: skipped ({results[path].error})', file=sys.stderr)
+                    worker.close()
+                    continue
+                workers[path] = worker
+                results[path].setup_s = worker.ready['setup_s']
+                results[path].output = torch.load(spec['output_file'])
+            timing_bf16 = any(p in BF16_PATHS for p in workers)
+            for _ in range(args.repeats):
+                for path, worker in list(workers.items()):
+                    answer = worker.request({})
+                    if 'error' in answer:
+                        results[path].error = answer['error']
+                        workers.pop(path).close()
+                    else:
+                        results[path].times.append(answer['seconds'])
+                round_rates = matmul_rates(device, bf16=timing_bf16, repeats=2)
+                for path in workers:
+                    results[path].round_rates.append(peak_rate(path, round_rates))
+        finally:
+            for worker in workers.values():
+                worker.close()
     if not args.no_memory:
-        for path in forwards:
+        for path in workers:
             results[path].peak_mib = measure_memory(variant, size, path, device, args.threads, args.memory_timeout)
     return results
 
@@ -433,6 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--memory-timeout', type=float, default=1800, help='seconds per memory subprocess')
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.variants, args.sizes = 'HAT', '64'
@@ -450,15 +490,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        serve(lambda: path_worker(spec))
+        return ''
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return ''
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    state_dict = None
-    if args.weights:
-        from hat.io.checkpoints import load_state_dict
-        state_dict = load_state_dict(args.weights)
 
     started = time.time()
     timing_bf16 = any(p in BF16_PATHS for p in args.paths)
@@ -468,7 +508,7 @@ def main(argv: list[str] | None = None) -> str:
         for size in args.sizes:
             print(f'{variant} x4 at {size}x{size} ...', file=sys.stderr, flush=True)
             flops = count_flops(network_config(variant), size)
-            results = bench_config(variant, size, args.paths, args, device, state_dict)
+            results = bench_config(variant, size, args.paths, args, device)
             rows.append((variant, size, flops, results))
     rates_end = matmul_rates(device, bf16=timing_bf16)
     rates = {k: max(rates_start[k] or 0, rates_end[k] or 0) for k in rates_start}
@@ -478,7 +518,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f'HAT x4 inference. {machine_line(device)}.{emulated}',
         '',
-        f'torch {torch.__version__}; {args.repeats} interleaved rounds after {args.warmup} warm-up; '
+        f'torch {torch.__version__}; each path in a process of its own; {args.repeats} interleaved rounds after '
+        f'{args.warmup} warm-up; '
         f'{"weights " + args.weights if args.weights else "random weights"}; run took '
         f'{(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load_average()}.',
         '',

@@ -7,13 +7,15 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import REPO
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_train, workers  # noqa: E402
+from benchmarks import bench_inference, bench_train, workers  # noqa: E402
+from hat.archs.hat_arch import HAT  # noqa: E402
 
 
 def replies(text: str) -> list[dict]:
@@ -93,3 +95,21 @@ def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
     speed_up, rounds = rows['fp32'][4].split('x (rounds ')
     assert float(speed_up) == pytest.approx(official / fp32, rel=0.02) and rounds.endswith('x)')
     assert rows['official'][7] == rows['fp32'][7]  # the same loss after the warm-up: same weights, same batch
+
+
+def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights(tmp_path):
+    """HAT-S x4 on a 16x16 image with a checkpoint: the official computation and our fp32 path, each in its own
+    worker, compute the same function of the same weights (the outputs come back from the workers)."""
+    weights = tmp_path / 'hat_s.pth'
+    torch.manual_seed(1)
+    torch.save({'params_ema': HAT(**bench_inference.network_config('HAT-S')).state_dict()}, weights)
+    report = bench_inference.main(['--variants', 'HAT-S', '--sizes', '16', '--paths', 'official,fp32', '--repeats',
+                                   '2', '--no-memory', '--weights', str(weights)])
+    assert 'each path in a process of its own; 2 interleaved rounds after 1 warm-up; weights' in report
+    rows = {line.split(' | ')[2]: line.split(' | ') for line in report.splitlines() if line.startswith('| HAT-S')}
+    assert set(rows) == {'official', 'fp32'}
+    assert rows['official'][-1] == 'baseline |'
+    max_diff = float(rows['fp32'][-1].removeprefix('max diff ').removesuffix(' |'))
+    assert max_diff < 1e-5
+    assert float(rows['fp32'][5].removesuffix('x')) == pytest.approx(float(rows['official'][3]) /
+                                                                     float(rows['fp32'][3]), rel=0.02)
