@@ -20,7 +20,7 @@ capability and whether bf16 is native, or the GPU.
 
 Method:
 * Time: every path runs in a process of its own (:mod:`benchmarks.workers`; in one shared process the official
-  computation's forward was up to 15% slower, through the C allocator), ``--warmup`` times first (not timed; for the
+  computation's forward was up to 17% slower, through the C allocator), ``--warmup`` times first (not timed; for the
   compiled paths this includes compilation, whose time is reported), then ``--repeats`` rounds in which the paths
   run one after another (interleaved, so that a change of machine load hits all of them alike); the table gives the
   median wall time and the fastest round.
