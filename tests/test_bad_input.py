@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from conftest import (GOLDEN, REPO, SHARED_DATASETS, golden_config, golden_state_dict, requires_shared_datasets,
                       smooth_image, tiny_hat_config)
+from benchmarks.gpu_check import tiny_training_options
 from hat.archs.detect import build_from_checkpoint, load_state_dict
 from hat.archs.hat_arch import HAT
 from hat.data import ImagePairSizeError, PairedImageDataset, SingleImageDataset, UnreadableImageError
@@ -447,18 +448,13 @@ def test_missing_training_options_are_named(tmp_path):
 # ------------------------------------------------------------------------------------------------ option files
 
 def tiny_train_options(root: Path, name: str, total_iter: int = 4) -> dict:
-    return {
-        'name': name, 'model_type': 'HATModel', 'scale': SCALE, 'num_gpu': 0, 'manual_seed': 0,
-        'datasets': {'train': {**paired_opt(root, 'train'), 'name': 'tiny', 'num_worker_per_gpu': 0,
-                               'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1}},
-        'network_g': dict(TINY_HAT),
-        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
-        'train': {'ema_decay': 0.999, 'optim_g': {'type': 'Adam', 'lr': 2e-4, 'betas': [0.9, 0.99]},
-                  'scheduler': {'type': 'MultiStepLR', 'milestones': [100], 'gamma': 0.5},
-                  'total_iter': total_iter, 'warmup_iter': -1,
-                  'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}},
-        'logger': {'print_freq': 1, 'save_checkpoint_freq': 100, 'use_tb_logger': False},
-    }
+    """gpu_check's tiny training options (the one home of a tiny training run) on ``root``'s pairs, on the CPU,
+    without its validation and NCCL settings."""
+    opt = tiny_training_options(root, name, total_iter)
+    opt['num_gpu'] = 0
+    del opt['datasets']['val_1'], opt['val'], opt['dist_params']
+    opt['logger']['print_freq'] = 1
+    return opt
 
 
 def write_yaml(path: Path, opt: dict) -> str:
