@@ -8,9 +8,10 @@ went from 0.6-1.9M to 2.4-3.0M. Ours moved by about 10%. Timing them in one proc
 :class:`Worker` runs ``script --worker SPEC`` (SPEC a JSON object) and talks to it over its stdin and stdout, one
 JSON object per line: the worker builds and warms up what SPEC names, answers ``ready``, then answers each request
 line with one reply line. The driver waits for each reply before sending the next request, so that one worker
-computes at a time while the others wait on their stdin. Their memory stays resident: a run needs the memory of all
-its workers at once (HAT-S training at batch 4, 48x48, official, fp32 and bf16: about 14 GB). Workers write their
-replies with :func:`reply`; any other line a worker prints (a library's log) is skipped.
+computes at a time while the others wait on their stdin. Their memory stays resident, with what the C allocator keeps
+for reuse: a run needs the memory of all its workers at once (HAT-S training at batch 4, 48x48, between two steps:
+official 8.7 GiB, fp32 9.3 GiB, bf16 3.1 GiB resident, 21 GiB together). Workers write their replies with
+:func:`reply`; any other line a worker prints (a library's log) is skipped.
 
 Two identical workers stepped this way (HAT-S bf16 training, Zen 4, six rounds) gave per-round ratios of 0.89-1.03,
 median 1.00: no bias from the process itself, and the same per-round noise as in one process.
