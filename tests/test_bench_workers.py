@@ -14,7 +14,8 @@ from conftest import REPO
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_inference, bench_train, workers  # noqa: E402
+from benchmarks import alternate, bench_inference, bench_train, workers  # noqa: E402
+from hat.archs import linear as linear_module  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 
 
@@ -113,3 +114,40 @@ def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights
     assert max_diff < 1e-5
     assert float(rows['fp32'][5].removesuffix('x')) == pytest.approx(float(rows['official'][3]) /
                                                                      float(rows['fp32'][3]), rel=0.02)
+
+
+TINY_ALTERNATE = ['--task', 'inference', '--variant', 'HAT-S', '--size', '16', '--rounds', '2', '--warmup', '0']
+
+
+def test_alternate_needs_a_setting_b_and_well_formed_variables(capsys):
+    with pytest.raises(SystemExit):
+        alternate.parse_args(TINY_ALTERNATE)
+    assert 'give setting B: --set MODULE.NAME=VALUE and/or --env NAME=VALUE' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        alternate.parse_args([*TINY_ALTERNATE, '--env', 'THP_MEM_ALLOC_ENABLE'])
+    assert "expected NAME=VALUE" in capsys.readouterr().err
+    assert alternate.parse_args([*TINY_ALTERNATE, '--env', 'A_B=x=1']).env == [('A_B', 'x=1')]
+
+
+def test_alternate_worker_b_runs_with_the_constants_set(monkeypatch, tmp_path):
+    """In-process: worker B's set-up sets the --set constants for good (restored here by monkeypatch), reports what
+    it sees, and a request with an output file gets the forward's output written there."""
+    monkeypatch.setattr(linear_module, 'ROW_CHUNK', linear_module.ROW_CHUNK)
+    monkeypatch.setenv('HAT_PROBE', 'b')
+    argv = [*TINY_ALTERNATE, '--set', 'hat.archs.linear.ROW_CHUNK=64', '--env', 'HAT_PROBE=b']
+    timed, seen = alternate.run_worker({'argv': argv, 'setting': 'B'})
+    assert seen == {'constants': {'hat.archs.linear.ROW_CHUNK': 64}, 'environment': {'HAT_PROBE': 'b'}}
+    assert linear_module.ROW_CHUNK == 64
+    answer = timed({'output_file': str(tmp_path / 'out.pt')})
+    assert answer['seconds'] > 0 and torch.load(tmp_path / 'out.pt').shape == (1, 3, 64, 64)
+
+
+def test_alternate_with_an_environment_variable_runs_a_and_b_in_processes_of_their_own(monkeypatch):
+    """The variable reaches B's process only (the driver checks what each worker sees and stops otherwise); the
+    same computation gives the same output."""
+    monkeypatch.delenv('HAT_PROBE', raising=False)
+    report = alternate.main([*TINY_ALTERNATE, '--env', 'HAT_PROBE=b'])
+    assert 'B: environment HAT_PROBE=b (A and B each in a process of its own). 2 rounds' in report
+    rows = [line for line in report.splitlines() if line.startswith('| ') and line[2].isdigit()]
+    assert len(rows) == 2
+    assert 'Largest difference between the outputs of A and B: 0.00e+00' in report
