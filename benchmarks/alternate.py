@@ -32,8 +32,8 @@ import itertools
 import json
 import os
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import bench_inference, bench_train  # noqa: E402
-from benchmarks.workers import Worker, serve  # noqa: E402
+from benchmarks.workers import WorkerPool, serve  # noqa: E402
 
 TASKS = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
@@ -194,32 +194,26 @@ def alternate_processes(argv: Sequence[str], env: dict[str, str], rounds: int) -
     """As :func:`alternate`, with A and B each in a worker process (B's environment with ``env``). ``argv``: the
     driver's arguments, for the workers to rebuild the task from."""
     base_env = dict(os.environ)
+    specs = {label: {'argv': list(argv), 'setting': label} for label in ('A', 'B')}
     environments = {'A': base_env, 'B': {**base_env, **env}}
-    times = {'A': [], 'B': []}
-    workers = {}
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            for label in ('A', 'B'):
-                workers[label] = Worker(__file__, {'argv': list(argv), 'setting': label}, environments[label])
-                ready = workers[label].ready
-                if 'error' in ready:
-                    raise RuntimeError(f'setting {label} could not start: {ready["error"]}')
-                expected = {name: (value if label == 'B' else os.environ.get(name)) for name, value in env.items()}
-                if ready['environment'] != expected:  # the worker says what it sees: the variables arrived, or stop
-                    raise RuntimeError(f'setting {label}: its process sees {ready["environment"]}, not {expected}')
-            outputs = {}
-            for r in range(rounds):
-                for label in ('A', 'B') if r % 2 == 0 else ('B', 'A'):
-                    output_file = os.path.join(folder, f'{label}.pt') if r == rounds - 1 else None
-                    answer = workers[label].request({'output_file': output_file})
-                    if 'error' in answer:
-                        raise RuntimeError(f'setting {label} failed: {answer["error"]}')
-                    times[label].append(answer['seconds'])
-                    if output_file and os.path.exists(output_file):
-                        outputs[label] = torch.load(output_file)
-        finally:
-            for worker in workers.values():
-                worker.close()
+    times, outputs = {'A': [], 'B': []}, {}
+    with tempfile.TemporaryDirectory() as folder, WorkerPool(__file__, specs, environments) as pool:
+        if pool.errors:
+            raise RuntimeError('could not start: ' + '; '.join(f'setting {label}: {error}'
+                                                               for label, error in pool.errors.items()))
+        for label, ready in pool.ready.items():
+            expected = {name: (value if label == 'B' else os.environ.get(name)) for name, value in env.items()}
+            if ready['environment'] != expected:  # the worker says what it sees: the variables arrived, or stop
+                raise RuntimeError(f'setting {label}: its process sees {ready["environment"]}, not {expected}')
+        for r in range(rounds):
+            for label in ('A', 'B') if r % 2 == 0 else ('B', 'A'):
+                output_file = os.path.join(folder, f'{label}.pt') if r == rounds - 1 else None
+                answer = pool.request(label, {'output_file': output_file})
+                if answer is None:
+                    raise RuntimeError(f'setting {label} failed: {pool.errors[label]}')
+                times[label].append(answer['seconds'])
+                if output_file and os.path.exists(output_file):
+                    outputs[label] = torch.load(output_file)
     return times['A'], times['B'], [outputs.get('A'), outputs.get('B')]
 
 

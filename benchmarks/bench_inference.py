@@ -69,7 +69,7 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
-from benchmarks.workers import Worker, serve  # noqa: E402
+from benchmarks.workers import WorkerPool, serve  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.precision import device_description, native_bf16  # noqa: E402
 
@@ -365,39 +365,29 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
     """Each path in a process of its own (:mod:`benchmarks.workers`), the forwards interleaved round by round; the
     matrix-product rates of each round measured here, while the workers wait."""
     results = {p: PathResult() for p in paths}
-    workers = {}
     with tempfile.TemporaryDirectory() as outputs:
-        try:
-            for path in paths:  # one at a time: the warm-ups do not overlap
-                spec = {'variant': variant, 'size': size, 'path': path, 'device': str(device),
+        specs = {path: {'variant': variant, 'size': size, 'path': path, 'device': str(device),
                         'threads': args.threads, 'warmup': args.warmup, 'weights': args.weights,
-                        'output_file': os.path.join(outputs, f'{path}.pt')}
-                worker = Worker(__file__, spec)
-                if 'error' in worker.ready:  # a path that cannot run here (e.g. no compiler for torch.compile)
-                    results[path].error = worker.ready['error']
-                    print(f'  {path}: skipped ({results[path].error})', file=sys.stderr)
-                    worker.close()
-                    continue
-                workers[path] = worker
-                results[path].setup_s = worker.ready['setup_s']
-                results[path].output = torch.load(spec['output_file'])
-            timing_bf16 = any(p in BF16_PATHS for p in workers)
+                        'output_file': os.path.join(outputs, f'{path}.pt')} for path in paths}
+        with WorkerPool(__file__, specs) as pool:
+            for path, ready in pool.ready.items():
+                results[path].setup_s = ready['setup_s']
+                results[path].output = torch.load(specs[path]['output_file'])
+            for path, error in pool.errors.items():  # a path that cannot run here (e.g. no compiler for torch.compile)
+                print(f'  {path}: skipped ({error})', file=sys.stderr)
+            timing_bf16 = any(p in BF16_PATHS for p in pool.workers)
             for _ in range(args.repeats):
-                for path, worker in list(workers.items()):
-                    answer = worker.request({})
-                    if 'error' in answer:
-                        results[path].error = answer['error']
-                        workers.pop(path).close()
-                    else:
+                for path in list(pool.workers):
+                    answer = pool.request(path, {})
+                    if answer is not None:
                         results[path].times.append(answer['seconds'])
                 round_rates = matmul_rates(device, bf16=timing_bf16, repeats=2)
-                for path in workers:
+                for path in pool.workers:
                     results[path].round_rates.append(peak_rate(path, round_rates))
-        finally:
-            for worker in workers.values():
-                worker.close()
+    for path, error in pool.errors.items():
+        results[path].error = error
     if not args.no_memory:
-        for path in workers:
+        for path in pool.workers:  # those that ran to the end
             results[path].peak_mib = measure_memory(variant, size, path, device, args.threads, args.memory_timeout)
     return results
 

@@ -49,7 +49,7 @@ import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, bf16_is_native, child_peak_mib, default_paths,  # noqa: E402
                                         load_average, machine_line, matmul_rates, names_from, network_config,
                                         peak_growth_mib, publish, synchronize)
-from benchmarks.workers import Worker, serve  # noqa: E402
+from benchmarks.workers import WorkerPool, serve  # noqa: E402
 from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 from hat.models.hat_model import HATModel  # noqa: E402
 
@@ -208,32 +208,23 @@ def main(argv: list[str] | None = None) -> str:
             'loss after warm-up |', '|---|---|---|---|---|---|---|---|']
     for variant in args.variants:
         print(f'{variant} ...', file=sys.stderr, flush=True)
-        workers, setup, times, losses, errors = {}, {}, {m: [] for m in args.modes}, {}, {}
-        try:
-            for mode in args.modes:  # one at a time: the warm-ups do not overlap
-                spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
+        times = {m: [] for m in args.modes}
+        specs = {mode: {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads, 'warmup': args.warmup}
-                worker = Worker(__file__, spec)
-                if 'error' in worker.ready:  # reported in the table (e.g. torch.compile without a compiler)
-                    errors[mode] = worker.ready['error']
-                    worker.close()
-                    continue
-                workers[mode] = worker
-                losses[mode], setup[mode] = worker.ready['loss'], worker.ready['setup_s']
+                 for mode in args.modes}
+        # A mode that cannot run here (e.g. torch.compile without a compiler) is reported in the table.
+        with WorkerPool(__file__, specs) as pool:
             for r in range(args.iters):
-                for mode, worker in list(workers.items()):
-                    answer = worker.request({'iteration': args.warmup + r + 1})
-                    if 'error' in answer:
-                        errors[mode] = answer['error']
-                        workers.pop(mode).close()
-                    else:
+                for mode in list(pool.workers):
+                    answer = pool.request(mode, {'iteration': args.warmup + r + 1})
+                    if answer is not None:
                         times[mode].append(answer['seconds'])
-        finally:
-            for worker in workers.values():
-                worker.close()
+        errors = pool.errors
+        losses = {mode: ready['loss'] for mode, ready in pool.ready.items()}
+        setup = {mode: ready['setup_s'] for mode, ready in pool.ready.items()}
         memory = {}
         if not args.no_memory:
-            for mode in workers:
+            for mode in pool.workers:  # those that ran to the end
                 spec = {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads}
                 memory[mode] = child_peak_mib(__file__, spec, args.memory_timeout, mode)

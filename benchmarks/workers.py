@@ -85,3 +85,50 @@ class Worker:
         self.process.wait()
         return {'error': f'the worker process exited (code {self.process.returncode}) without a reply; '
                          f'its error is above'}
+
+
+class WorkerPool:
+    """Workers by label, for a driver: started one at a time (their warm-ups do not overlap), closed together (also
+    as a context manager). A worker that fails to start, or whose reply to a request is an error, is closed and
+    dropped from :attr:`workers`, its error kept in :attr:`errors`.
+
+    Args:
+        script: as for :class:`Worker`.
+        specs: label -> the spec of its worker, in the order to start them.
+        envs: label -> that worker's environment (default: this process's).
+    """
+
+    def __init__(self, script: str, specs: dict[str, dict], envs: dict[str, dict] | None = None) -> None:
+        self.workers: dict[str, Worker] = {}  # the running ones (after close: the labels that ran to the end)
+        self.ready: dict[str, dict] = {}  # each running worker's ready reply
+        self.errors: dict[str, str] = {}
+        try:
+            for label, spec in specs.items():
+                worker = Worker(script, spec, (envs or {}).get(label))
+                if 'error' in worker.ready:
+                    self.errors[label] = worker.ready['error']
+                    worker.close()
+                else:
+                    self.workers[label], self.ready[label] = worker, worker.ready
+        except BaseException:
+            self.close()
+            raise
+
+    def request(self, label: str, message: dict) -> dict | None:
+        """The reply of ``label``'s worker to ``message``, or None when it replied an error (see the class doc)."""
+        answer = self.workers[label].request(message)
+        if 'error' in answer:
+            self.errors[label] = answer['error']
+            self.workers.pop(label).close()
+            return None
+        return answer
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -51,8 +51,11 @@ SCRIPT = textwrap.dedent('''
     print('a library logging to stdout', flush=True)
     if spec.get('crash'):
         sys.exit(3)
-    workers.serve(lambda: ((lambda request: {{'sum': spec['base'] + request['x'], 'pid': os.getpid()}}),
-                           {{'base': spec['base']}}))
+    def handle(request):
+        if request.get('fail'):
+            return {{'error': 'asked to fail'}}
+        return {{'sum': spec['base'] + request['x'], 'pid': os.getpid()}}
+    workers.serve(lambda: (handle, {{'base': spec['base']}}))
 ''')
 
 
@@ -80,6 +83,18 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(script):
     worker = workers.Worker(script, {'base': 0, 'crash': True})
     assert 'exited (code 3) without a reply' in worker.ready['error']
     worker.close()
+
+
+def test_a_pool_drops_the_workers_that_fail_and_keeps_their_errors(script):
+    specs = {'first': {'base': 1}, 'crashes': {'base': 0, 'crash': True}, 'second': {'base': 2}}
+    with workers.WorkerPool(script, specs) as pool:
+        assert list(pool.workers) == ['first', 'second'] and list(pool.ready) == ['first', 'second']
+        assert 'exited (code 3)' in pool.errors['crashes']
+        assert pool.request('second', {'x': 5})['sum'] == 7
+        assert pool.request('first', {'fail': True}) is None
+        assert pool.errors['first'] == 'asked to fail' and list(pool.workers) == ['second']
+        running = pool.workers['second'].process
+    assert running.returncode == 0  # closed on leaving the block
 
 
 def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
