@@ -23,7 +23,8 @@ Method:
   computation's forward was up to 17% slower, through the C allocator), ``--warmup`` times first (not timed; for the
   compiled paths this includes compilation, whose time is reported), then ``--repeats`` rounds in which the paths
   run one after another (interleaved, so that a change of machine load hits all of them alike); the table gives the
-  median wall time and the fastest round.
+  median wall time and the fastest round, and the median CPU time (user and system, all threads) and page faults
+  of the path's process during one forward (system time is the kernel's handling of page faults).
 * Memory: on the CPU, each (variant, size, path) runs in a fresh subprocess whose C allocator returns every block
   of 128 KiB or more to the system when it is freed (``MALLOC_MMAP_THRESHOLD_=131072``), so that the resident size
   follows the memory in use instead of what the allocator keeps for reuse. One forward warms up, then the kernel's
@@ -69,7 +70,7 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
-from benchmarks.workers import WorkerPool, serve  # noqa: E402
+from benchmarks.workers import WorkerPool, serve, timed_with_usage, usage_cell  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.precision import device_description, native_bf16  # noqa: E402
 
@@ -311,6 +312,7 @@ def publish(lines: list[str], out: str | None) -> str:
 @dataclass
 class PathResult:
     times: list = field(default_factory=list)
+    replies: list = field(default_factory=list)  # the workers' replies, with CPU time and page faults where known
     round_rates: list = field(default_factory=list)  # GFLOP/s of the matrix product of the path's precision, per round
     setup_s: float = 0.0
     error: str | None = None
@@ -330,7 +332,8 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def path_worker(spec: dict) -> tuple:
     """Runs in a process of its own (``--worker``): builds one path, runs its warm-up forwards, saves the output to
-    ``spec['output_file']``, then serves requests ``{}`` with ``{'seconds': ...}``, one forward each (see
+    ``spec['output_file']``, then serves requests ``{}`` with ``{'seconds': ...}`` and the process's CPU time and
+    page faults during it (:func:`benchmarks.workers.timed_with_usage`), one forward each (see
     :func:`benchmarks.workers.serve`). The weights: ``spec['weights']`` or the seeded random initialisation, the
     same in every worker."""
     torch.set_num_threads(spec['threads'])
@@ -351,14 +354,14 @@ def path_worker(spec: dict) -> tuple:
     setup_s = time.perf_counter() - start
     torch.save(out.float().cpu(), spec['output_file'])
 
-    def timed(_request: dict) -> dict:
+    def one_forward() -> float:
         synchronize(device)
         begin = time.perf_counter()
         forward(x)
         synchronize(device)
-        return {'seconds': time.perf_counter() - begin}
+        return time.perf_counter() - begin
 
-    return timed, {'setup_s': setup_s}
+    return (lambda _request: timed_with_usage(one_forward)), {'setup_s': setup_s}
 
 
 def bench_config(variant: str, size: int, paths: list[str], args, device: torch.device) -> dict[str, PathResult]:
@@ -381,6 +384,7 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
                     answer = pool.request(path, {})
                     if answer is not None:
                         results[path].times.append(answer['seconds'])
+                        results[path].replies.append(answer)
                 round_rates = matmul_rates(device, bf16=timing_bf16, repeats=2)
                 for path in pool.workers:
                     results[path].round_rates.append(peak_rate(path, round_rates))
@@ -414,7 +418,7 @@ def report_rows(variant: str, size: int, flops: float, results: dict[str, PathRe
     rows = []
     for path, res in results.items():
         if res.error or not res.times:
-            rows.append(f'| {variant} | {size} | {path} | skipped: {res.error} | | | | | | |')
+            rows.append(f'| {variant} | {size} | {path} | skipped: {res.error} | | | | | | | |')
             continue
         speed = base.median / res.median if base_ok else None
         gflops = flops / res.median / 1e9
@@ -432,7 +436,7 @@ def report_rows(variant: str, size: int, flops: float, results: dict[str, PathRe
         setup = f' (compile {res.setup_s:.0f} s)' if path.startswith('compile') else ''
         rows.append(f'| {variant} | {size} | {path}{setup} | {res.median:.3f} | {min(res.times):.3f} | '
                     f'{fmt(speed, ".2f")}x | {share} | '
-                    f'{fmt(res.peak_mib, ".0f")} | {fmt(mem_ratio, ".2f")} | {check} |')
+                    f'{fmt(res.peak_mib, ".0f")} | {fmt(mem_ratio, ".2f")} | {usage_cell(res.replies)} | {check} |')
     return rows
 
 
@@ -521,8 +525,8 @@ def main(argv: list[str] | None = None) -> str:
         'one for fp32 paths), median over the rounds.',
         '',
         '| variant | LR size | path | median s | best s | speed-up vs official | GFLOP/s (% of matmul) '
-        '| peak MiB | memory vs official | check |',
-        '|---|---|---|---|---|---|---|---|---|---|',
+        '| peak MiB | memory vs official | CPU user / system s, page faults per forward | check |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for variant, size, flops, results in rows:
         lines += report_rows(variant, size, flops, results, rates)

@@ -20,7 +20,9 @@ each other's speed through the C allocator, the official computation's most). Ea
 (compilation included), then ``--iters`` rounds in which the modes take one iteration each, in turn (one process
 computes at a time); the table gives the median iteration time, iterations per second and the speed-up over the
 official computation: the ratio of the medians and, with two rounds or more, the range of the rounds' own ratios
-(each round runs the modes back to back, so the range shows how far the machine's speed moved during the run). The
+(each round runs the modes back to back, so the range shows how far the machine's speed moved during the run), and
+the median CPU time (user and system, all threads) and page faults of the mode's process during one iteration: the
+system time is the kernel's handling of page faults, memory management rather than computation. The
 workers stay resident: HAT-S at batch 4, 48x48 with official, fp32 and bf16 needs about 21 GiB of memory. Peak
 memory: each mode runs again in a fresh subprocess (with the allocator setting of ``bench_inference.py``, so that
 the resident size follows the memory in use); after one iteration (Adam's state exists then) the kernel's peak-RSS
@@ -49,7 +51,7 @@ import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, bf16_is_native, child_peak_mib, default_paths,  # noqa: E402
                                         load_average, machine_line, matmul_rates, names_from, network_config,
                                         peak_growth_mib, publish, synchronize)
-from benchmarks.workers import WorkerPool, serve  # noqa: E402
+from benchmarks.workers import WorkerPool, serve, timed_with_usage, usage_cell  # noqa: E402
 from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 from hat.models.hat_model import HATModel  # noqa: E402
 
@@ -124,7 +126,8 @@ def speed_up_cell(official: Sequence[float], mode: Sequence[float]) -> str:
 
 def timing_worker(spec: dict) -> tuple:
     """Runs in a process of its own (``--worker``): builds a mode's model, warms it up, and then serves requests
-    ``{'iteration': i}`` with ``{'seconds': ...}``, one iteration each (see :func:`benchmarks.workers.serve`)."""
+    ``{'iteration': i}`` with ``{'seconds': ...}`` and the process's CPU time and page faults during it
+    (:func:`benchmarks.workers.timed_with_usage`), one iteration each (see :func:`benchmarks.workers.serve`)."""
     torch.set_num_threads(spec['threads'])
     device = torch.device(spec['device'])
     start = time.perf_counter()
@@ -133,7 +136,7 @@ def timing_worker(spec: dict) -> tuple:
     for i in range(spec['warmup']):
         step(model, data, i + 1, device)
     info = {'loss': model.get_current_log()['l_pix'], 'setup_s': time.perf_counter() - start}
-    return (lambda request: {'seconds': step(model, data, request['iteration'], device)}), info
+    return (lambda request: timed_with_usage(lambda: step(model, data, request['iteration'], device))), info
 
 
 def memory_child(spec: dict) -> dict:
@@ -205,10 +208,12 @@ def main(argv: list[str] | None = None) -> str:
             f'(x4); each mode in a process of its own; {args.iters} interleaved rounds after {args.warmup} '
             'warm-up.', '',
             '| variant | mode | median s/iter | iter/s | speed-up vs official | peak MiB | memory vs official | '
-            'loss after warm-up |', '|---|---|---|---|---|---|---|---|']
+            'loss after warm-up | CPU user / system s, page faults per iteration |',
+            '|---|---|---|---|---|---|---|---|---|']
     for variant in args.variants:
         print(f'{variant} ...', file=sys.stderr, flush=True)
         times = {m: [] for m in args.modes}
+        replies = {m: [] for m in args.modes}
         specs = {mode: {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads, 'warmup': args.warmup}
                  for mode in args.modes}
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> str:
                     answer = pool.request(mode, {'iteration': args.warmup + r + 1})
                     if answer is not None:
                         times[mode].append(answer['seconds'])
+                        replies[mode].append(answer)
         errors = pool.errors
         losses = {mode: ready['loss'] for mode, ready in pool.ready.items()}
         setup = {mode: ready['setup_s'] for mode, ready in pool.ready.items()}
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> str:
         official_times = times.get('official')
         for mode in args.modes:
             if mode in errors:
-                rows.append(f'| {variant} | {mode} | skipped: {errors[mode]} | | | | | |')
+                rows.append(f'| {variant} | {mode} | skipped: {errors[mode]} | | | | | | |')
                 continue
             median = statistics.median(times[mode])
             if not official_times:
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> str:
             mem_ratio = f'{mem / memory["official"]:.2f}' if mem and memory.get('official') else '-'
             label = f'{mode} (compile {setup[mode]:.0f} s)' if mode.startswith('compile') else mode
             rows.append(f'| {variant} | {label} | {median:.3f} | {1 / median:.2f} | {speed} | '
-                        f'{"-" if mem is None else f"{mem:.0f}"} | {mem_ratio} | {losses[mode]:.4f} |')
+                        f'{"-" if mem is None else f"{mem:.0f}"} | {mem_ratio} | {losses[mode]:.4f} | '
+                        f'{usage_cell(replies[mode])} |')
     onednn = rates['fp32-onednn']
     bf16_rate = 'not measured' if rates['bf16'] is None else f'{rates["bf16"]:.0f}'
     rows += ['', f'Matrix-multiply rate (2048x2048) at the start: fp32 {rates["fp32"]:.0f} (torch.matmul), '

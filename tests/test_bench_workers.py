@@ -43,6 +43,33 @@ def test_serve_replies_a_failed_setup_and_stops(monkeypatch):
     assert replies(out.getvalue()) == [{'error': 'RuntimeError: no compiler found'}]
 
 
+def test_timed_with_usage_counts_the_page_faults_of_fresh_memory():
+    """The process's page faults during the call: touching 64 MiB of fresh pages faults thousands of times, a call
+    that touches nothing hardly at all; the wall time is the one the call returns."""
+    if workers.resource is None:
+        pytest.skip('no resource module on this system')
+
+    def touch_fresh_memory() -> float:
+        block = bytearray(64 << 20)  # zero pages: each is faulted in when written
+        block[::4096] = b'x' * len(block[::4096])
+        return 0.25
+
+    touched = workers.timed_with_usage(touch_fresh_memory)
+    idle = workers.timed_with_usage(lambda: 0.5)
+    assert touched['seconds'] == 0.25 and idle['seconds'] == 0.5
+    assert touched['faults'] >= 8000 > idle['faults']  # 16384 pages of 4 KiB (fewer where huge pages serve)
+    assert touched['user_s'] >= 0 and touched['system_s'] >= 0
+
+
+def test_usage_cell_gives_the_medians():
+    replies_ = [{'seconds': 1, 'user_s': 14.0, 'system_s': 0.5, 'faults': 2_000_000},
+                {'seconds': 1, 'user_s': 16.0, 'system_s': 0.01, 'faults': 10},
+                {'seconds': 1, 'user_s': 15.0, 'system_s': 0.02, 'faults': 1_500_000}]
+    assert workers.usage_cell(replies_) == '15.0 / 0.02 s, 1.50M'
+    assert workers.usage_cell([{'seconds': 1}]) == '-'  # no resource module
+    assert workers.usage_cell([]) == '-'
+
+
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {repo!r})
@@ -111,6 +138,10 @@ def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
     speed_up, rounds = rows['fp32'][4].split('x (rounds ')
     assert float(speed_up) == pytest.approx(official / fp32, rel=0.02) and rounds.endswith('x)')
     assert rows['official'][7] == rows['fp32'][7]  # the same loss after the warm-up: same weights, same batch
+    if workers.resource is not None:  # each mode's own CPU time: at least its iteration's time on one thread
+        for mode, row in rows.items():
+            user_s = float(row[8].split(' / ')[0])
+            assert user_s >= 0.5 * float(row[2]) and row[8].endswith('M |'), mode
 
 
 def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights(tmp_path):
@@ -125,6 +156,9 @@ def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights
     rows = {line.split(' | ')[2]: line.split(' | ') for line in report.splitlines() if line.startswith('| HAT-S')}
     assert set(rows) == {'official', 'fp32'}
     assert rows['official'][-1] == 'baseline |'
+    if workers.resource is not None:  # each path's own CPU time per forward, next to its wall time
+        for path, row in rows.items():
+            assert float(row[-2].split(' / ')[0]) >= 0.5 * float(row[3]), path
     max_diff = float(rows['fp32'][-1].removeprefix('max diff ').removesuffix(' |'))
     assert max_diff < 1e-5
     assert float(rows['fp32'][5].removesuffix('x')) == pytest.approx(float(rows['official'][3]) /
