@@ -103,7 +103,10 @@ def _build(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float) -> 
     q, k, v, attn_mask = (t.detach() for t in (q, k, v, attn_mask))
     try:
         with warnings.catch_warnings(), torch.autocast('cpu', enabled=False):
-            warnings.simplefilter('ignore', FutureWarning)  # TorchScript's deprecation notices
+            # TorchScript's deprecation notices: a FutureWarning in torch 2.14, a DeprecationWarning in 2.11 (which
+            # under an 'error' filter would turn this path off).
+            warnings.simplefilter('ignore', FutureWarning)
+            warnings.simplefilter('ignore', DeprecationWarning)
             torch.jit.enable_onednn_fusion(True)
             module = torch.jit.freeze(torch.jit.trace(_AttentionPattern(scale).eval(), (q, k, v, attn_mask)))
             for _ in range(2):
