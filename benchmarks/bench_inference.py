@@ -24,7 +24,9 @@ Method:
   compiled paths this includes compilation, whose time is reported), then ``--repeats`` rounds in which the paths
   run one after another (interleaved, so that a change of machine load hits all of them alike); the table gives the
   median wall time and the fastest round, and the median CPU time (user and system, all threads) and page faults
-  of the path's process during one forward (system time is the kernel's handling of page faults).
+  of the path's process during one forward (system time is the kernel's handling of page faults). ``--heap-reuse``
+  starts the workers with glibc's malloc keeping freed memory (:data:`benchmarks.workers.HEAP_REUSE_ENV`): no page
+  faults after the warm-up, the arithmetic alone.
 * Memory: on the CPU, each (variant, size, path) runs in a fresh subprocess whose C allocator returns every block
   of 128 KiB or more to the system when it is freed (``MALLOC_MMAP_THRESHOLD_=131072``), so that the resident size
   follows the memory in use instead of what the allocator keeps for reuse. One forward warms up, then the kernel's
@@ -70,7 +72,8 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
-from benchmarks.workers import WorkerPool, serve, timed_with_usage, usage_cell  # noqa: E402
+from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, serve, timed_with_usage, usage_cell,  # noqa: E402
+                                check_heap_reuse, heap_reuse_in_force, worker_environments)
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.precision import device_description, native_bf16  # noqa: E402
 
@@ -361,7 +364,7 @@ def path_worker(spec: dict) -> tuple:
         synchronize(device)
         return time.perf_counter() - begin
 
-    return (lambda _request: timed_with_usage(one_forward)), {'setup_s': setup_s}
+    return (lambda _request: timed_with_usage(one_forward)), {'setup_s': setup_s, 'heap_reuse': heap_reuse_in_force()}
 
 
 def bench_config(variant: str, size: int, paths: list[str], args, device: torch.device) -> dict[str, PathResult]:
@@ -372,7 +375,8 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
         specs = {path: {'variant': variant, 'size': size, 'path': path, 'device': str(device),
                         'threads': args.threads, 'warmup': args.warmup, 'weights': args.weights,
                         'output_file': os.path.join(outputs, f'{path}.pt')} for path in paths}
-        with WorkerPool(__file__, specs) as pool:
+        with WorkerPool(__file__, specs, worker_environments(specs, args.heap_reuse)) as pool:
+            check_heap_reuse(pool, args.heap_reuse)
             for path, ready in pool.ready.items():
                 results[path].setup_s = ready['setup_s']
                 results[path].output = torch.load(specs[path]['output_file'])
@@ -463,6 +467,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--weights', help='a HAT checkpoint to load (needs a single --variants entry)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    parser.add_argument('--heap-reuse', action='store_true',
+                        help="start the timed workers with glibc malloc keeping freed memory (no page faults after "
+                             "the warm-up: computation alone; see benchmarks/workers.py)")
     parser.add_argument('--memory-timeout', type=float, default=1800, help='seconds per memory subprocess')
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
@@ -512,7 +519,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f'HAT x4 inference. {machine_line(device)}.{emulated}',
         '',
-        f'torch {torch.__version__}; each path in a process of its own; {args.repeats} interleaved rounds after '
+        f'torch {torch.__version__}; each path in a process of its own'
+        f'{"; " + HEAP_REUSE_NOTE if args.heap_reuse else ""}; {args.repeats} interleaved rounds after '
         f'{args.warmup} warm-up; '
         f'{"weights " + args.weights if args.weights else "random weights"}; run took '
         f'{(time.time() - started) / 60:.1f} min; load average at the end (1/5/15 min): {load_average()}.',

@@ -22,7 +22,10 @@ computes at a time); the table gives the median iteration time, iterations per s
 official computation: the ratio of the medians and, with two rounds or more, the range of the rounds' own ratios
 (each round runs the modes back to back, so the range shows how far the machine's speed moved during the run), and
 the median CPU time (user and system, all threads) and page faults of the mode's process during one iteration: the
-system time is the kernel's handling of page faults, memory management rather than computation. The
+system time is the kernel's handling of page faults, memory management rather than computation. ``--heap-reuse``
+starts the workers with glibc's malloc keeping freed memory (:data:`benchmarks.workers.HEAP_REUSE_ENV`): no page
+faults after the warm-up, the arithmetic alone (each worker then keeps its peak: official and fp32 HAT-S at batch 4,
+48x48 do not fit in 24 GiB together). The
 workers stay resident: HAT-S at batch 4, 48x48 with official, fp32 and bf16 needs about 21 GiB of memory. Peak
 memory: each mode runs again in a fresh subprocess (with the allocator setting of ``bench_inference.py``, so that
 the resident size follows the memory in use); after one iteration (Adam's state exists then) the kernel's peak-RSS
@@ -51,7 +54,8 @@ import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, bf16_is_native, child_peak_mib, default_paths,  # noqa: E402
                                         load_average, machine_line, matmul_rates, names_from, network_config,
                                         peak_growth_mib, publish, synchronize)
-from benchmarks.workers import WorkerPool, serve, timed_with_usage, usage_cell  # noqa: E402
+from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, serve, timed_with_usage, usage_cell,  # noqa: E402
+                                check_heap_reuse, heap_reuse_in_force, worker_environments)
 from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 from hat.models.hat_model import HATModel  # noqa: E402
 
@@ -135,7 +139,8 @@ def timing_worker(spec: dict) -> tuple:
     data = make_batch(spec['batch'], spec['patch'], device)
     for i in range(spec['warmup']):
         step(model, data, i + 1, device)
-    info = {'loss': model.get_current_log()['l_pix'], 'setup_s': time.perf_counter() - start}
+    info = {'loss': model.get_current_log()['l_pix'], 'setup_s': time.perf_counter() - start,
+            'heap_reuse': heap_reuse_in_force()}
     return (lambda request: timed_with_usage(lambda: step(model, data, request['iteration'], device))), info
 
 
@@ -165,6 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--heap-reuse', action='store_true',
+                        help="start the timed workers with glibc malloc keeping freed memory (no page faults after "
+                             "the warm-up: computation alone; see benchmarks/workers.py)")
     parser.add_argument('--memory-timeout', type=float, default=1800)
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
@@ -205,8 +213,9 @@ def main(argv: list[str] | None = None) -> str:
         if emulated else ''
     rows = [f'HATModel training iterations. {machine_line(device)}.{note}', '',
             f'torch {torch.__version__}; batch {args.batch}, LR patch {args.patch}x{args.patch} '
-            f'(x4); each mode in a process of its own; {args.iters} interleaved rounds after {args.warmup} '
-            'warm-up.', '',
+            f'(x4); each mode in a process of its own'
+            f'{"; " + HEAP_REUSE_NOTE if args.heap_reuse else ""}; {args.iters} interleaved rounds after '
+            f'{args.warmup} warm-up.', '',
             '| variant | mode | median s/iter | iter/s | speed-up vs official | peak MiB | memory vs official | '
             'loss after warm-up | CPU user / system s, page faults per iteration |',
             '|---|---|---|---|---|---|---|---|---|']
@@ -218,7 +227,8 @@ def main(argv: list[str] | None = None) -> str:
                         'device': str(device), 'threads': args.threads, 'warmup': args.warmup}
                  for mode in args.modes}
         # A mode that cannot run here (e.g. torch.compile without a compiler) is reported in the table.
-        with WorkerPool(__file__, specs) as pool:
+        with WorkerPool(__file__, specs, worker_environments(specs, args.heap_reuse)) as pool:
+            check_heap_reuse(pool, args.heap_reuse)
             for r in range(args.iters):
                 for mode in list(pool.workers):
                     answer = pool.request(mode, {'iteration': args.warmup + r + 1})

@@ -19,10 +19,18 @@ median 1.00: no bias from the process itself, and the same per-round noise as in
 A worker can measure what its process spends on a request besides the wall time (:func:`timed_with_usage`): CPU
 time in user and system mode and page faults. They tell computation from memory management: on the Zen 4 above, the
 official HAT-S iteration spent 2.8-4.3 s of system time on 1.1-1.8M page faults, ours none (0-10 faults).
+
+Those faults come from glibc's malloc: a block above its mmap threshold (32 MiB at most) is mapped fresh and returned
+to the kernel when freed, so every large tensor is faulted in page by page again at each iteration.
+:data:`HEAP_REUSE_ENV` (the benchmarks' ``--heap-reuse``) starts the workers with malloc serving such blocks from its
+heap and keeping freed memory, which takes the faults away after the warm-up: the tables then compare computation
+alone. On the Zen 4, the official HAT-S iteration took 8.2-8.3 s that way against 10.5-11.8 s by default, and the
+official forward of HAT x4 at 128x128 9.7-10.1 s against 15.4-16.3 s.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +42,35 @@ except ImportError:  # Windows
     resource = None
 
 REPLY_MARK = '@worker '
+
+# glibc malloc: blocks up to 1 GiB from the heap (not mapped fresh), freed memory kept (trimmed only above 4 GiB),
+# the heap grown 64 MiB at a time. Read by glibc at the process's start.
+HEAP_REUSE_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 30), 'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
+                  'MALLOC_TOP_PAD_': str(1 << 26)}
+HEAP_REUSE_NOTE = ('glibc malloc set to keep freed memory for reuse (--heap-reuse: ' +
+                   ', '.join(f'{name}={value}' for name, value in HEAP_REUSE_ENV.items()) + ')')
+
+
+def worker_environments(labels, heap_reuse: bool) -> dict[str, dict] | None:
+    """The environments of workers ``labels`` for :class:`WorkerPool`: this process's, with :data:`HEAP_REUSE_ENV`
+    when ``heap_reuse`` (else None: this process's as it is)."""
+    if not heap_reuse:
+        return None
+    return {label: {**os.environ, **HEAP_REUSE_ENV} for label in labels}
+
+
+def heap_reuse_in_force() -> bool:
+    """Whether this process was started with :data:`HEAP_REUSE_ENV` (for a worker to tell its driver)."""
+    return all(os.environ.get(name) == value for name, value in HEAP_REUSE_ENV.items())
+
+
+def check_heap_reuse(pool: 'WorkerPool', wanted: bool) -> None:
+    """Raise RuntimeError unless every ready worker of ``pool`` said (``ready['heap_reuse']``) that it runs with
+    :data:`HEAP_REUSE_ENV` exactly when ``wanted``: the table's header says how the workers ran."""
+    wrong = [label for label, ready in pool.ready.items() if ready.get('heap_reuse') is not wanted]
+    if wrong:
+        raise RuntimeError(f'workers {", ".join(wrong)} did not start with the malloc settings asked for '
+                           f'(--heap-reuse {"on" if wanted else "off"}): is MALLOC_* set in this environment?')
 
 
 def reply(message: dict, stream: TextIO | None = None) -> None:
@@ -101,15 +138,22 @@ class Worker:
         self.ready = self._read()
 
     def request(self, message: dict) -> dict:
-        """Send one request and wait for its reply."""
-        self.process.stdin.write(json.dumps(message) + '\n')
-        self.process.stdin.flush()
+        """Send one request and wait for its reply (an ``error`` reply when the worker is gone, e.g. killed by the
+        kernel for memory while the others computed)."""
+        try:
+            self.process.stdin.write(json.dumps(message) + '\n')
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            return self._exited()
         return self._read()
 
     def close(self) -> None:
         """End the worker (it exits when its stdin closes) and wait for it."""
         if self.process.stdin and not self.process.stdin.closed:
-            self.process.stdin.close()
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:  # it is gone already, with a request unread
+                pass
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -120,9 +164,13 @@ class Worker:
         for line in self.process.stdout:
             if line.startswith(REPLY_MARK):
                 return json.loads(line[len(REPLY_MARK):])
+        return self._exited()
+
+    def _exited(self) -> dict:
         self.process.wait()
-        return {'error': f'the worker process exited (code {self.process.returncode}) without a reply; '
-                         f'its error is above'}
+        code = self.process.returncode
+        killed = ' (SIGKILL: out of memory? see dmesg)' if code == -9 else ''
+        return {'error': f'the worker process exited with code {code}{killed} without a reply; its error is above'}
 
 
 class WorkerPool:

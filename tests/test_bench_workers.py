@@ -70,6 +70,31 @@ def test_usage_cell_gives_the_medians():
     assert workers.usage_cell([]) == '-'
 
 
+def test_heap_reuse_environment_and_its_check(monkeypatch):
+    """--heap-reuse: each worker's environment is this process's plus the malloc settings, and the driver refuses a
+    pool whose workers say otherwise (the header would misstate how they ran)."""
+    monkeypatch.setenv('HAT_SOME_VARIABLE', 'kept')
+    assert workers.worker_environments(['a', 'b'], heap_reuse=False) is None
+    environments = workers.worker_environments(['a', 'b'], heap_reuse=True)
+    assert set(environments) == {'a', 'b'}
+    for environment in environments.values():
+        assert environment['HAT_SOME_VARIABLE'] == 'kept'
+        assert environment['MALLOC_MMAP_THRESHOLD_'] == str(1 << 30)
+    for name, value in workers.HEAP_REUSE_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert workers.heap_reuse_in_force()
+    monkeypatch.delenv('MALLOC_TRIM_THRESHOLD_')
+    assert not workers.heap_reuse_in_force()
+
+    class Pool:
+        ready = {'official': {'heap_reuse': True}, 'fp32': {'heap_reuse': False}}
+
+    with pytest.raises(RuntimeError, match='workers fp32 did not start with the malloc settings'):
+        workers.check_heap_reuse(Pool, True)
+    with pytest.raises(RuntimeError, match='workers official did not'):
+        workers.check_heap_reuse(Pool, False)
+
+
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {repo!r})
@@ -108,7 +133,7 @@ def test_workers_keep_their_state_in_processes_of_their_own(script):
 
 def test_a_worker_that_dies_is_an_error_not_a_hang(script):
     worker = workers.Worker(script, {'base': 0, 'crash': True})
-    assert 'exited (code 3) without a reply' in worker.ready['error']
+    assert 'exited with code 3 without a reply' in worker.ready['error']
     worker.close()
 
 
@@ -116,12 +141,23 @@ def test_a_pool_drops_the_workers_that_fail_and_keeps_their_errors(script):
     specs = {'first': {'base': 1}, 'crashes': {'base': 0, 'crash': True}, 'second': {'base': 2}}
     with workers.WorkerPool(script, specs) as pool:
         assert list(pool.workers) == ['first', 'second'] and list(pool.ready) == ['first', 'second']
-        assert 'exited (code 3)' in pool.errors['crashes']
+        assert 'exited with code 3' in pool.errors['crashes']
         assert pool.request('second', {'x': 5})['sum'] == 7
         assert pool.request('first', {'fail': True}) is None
         assert pool.errors['first'] == 'asked to fail' and list(pool.workers) == ['second']
         running = pool.workers['second'].process
     assert running.returncode == 0  # closed on leaving the block
+
+
+def test_a_worker_killed_while_it_waits_is_dropped_and_the_others_go_on(script):
+    """As when the kernel kills a worker for memory while another computes: the next request to it is an error that
+    says so (not a broken pipe that ends the whole run), and the pool closes without raising."""
+    with workers.WorkerPool(script, {'first': {'base': 1}, 'second': {'base': 2}}) as pool:
+        pool.workers['first'].process.kill()
+        pool.workers['first'].process.wait()
+        assert pool.request('first', {'x': 'y' * 100_000}) is None  # more than a pipe's buffer: the write fails
+        assert 'exited with code -9 (SIGKILL: out of memory? see dmesg)' in pool.errors['first']
+        assert pool.request('second', {'x': 5})['sum'] == 7
 
 
 def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
@@ -144,15 +180,26 @@ def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
             assert user_s >= 0.5 * float(row[2]) and row[8].endswith('M |'), mode
 
 
+def test_bench_train_with_heap_reuse_starts_its_workers_with_the_malloc_settings():
+    """The workers report the settings in force (a driver that dropped them would stop with an error) and the
+    header says how they ran."""
+    report = bench_train.main(['--variants', 'HAT-S', '--modes', 'fp32', '--batch', '1', '--patch', '16',
+                               '--iters', '1', '--warmup', '1', '--no-memory', '--heap-reuse'])
+    assert f'each mode in a process of its own; {workers.HEAP_REUSE_NOTE}; 1 interleaved rounds' in report
+    assert any(line.startswith('| HAT-S | fp32 | ') for line in report.splitlines())
+
+
 def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights(tmp_path):
     """HAT-S x4 on a 16x16 image with a checkpoint: the official computation and our fp32 path, each in its own
-    worker, compute the same function of the same weights (the outputs come back from the workers)."""
+    worker, compute the same function of the same weights (the outputs come back from the workers); with
+    --heap-reuse, which the workers confirm."""
     weights = tmp_path / 'hat_s.pth'
     torch.manual_seed(1)
     torch.save({'params_ema': HAT(**bench_inference.network_config('HAT-S')).state_dict()}, weights)
     report = bench_inference.main(['--variants', 'HAT-S', '--sizes', '16', '--paths', 'official,fp32', '--repeats',
-                                   '2', '--no-memory', '--weights', str(weights)])
-    assert 'each path in a process of its own; 2 interleaved rounds after 1 warm-up; weights' in report
+                                   '2', '--no-memory', '--weights', str(weights), '--heap-reuse'])
+    assert (f'each path in a process of its own; {workers.HEAP_REUSE_NOTE}; 2 interleaved rounds after 1 warm-up; '
+            'weights') in report
     rows = {line.split(' | ')[2]: line.split(' | ') for line in report.splitlines() if line.startswith('| HAT-S')}
     assert set(rows) == {'official', 'fp32'}
     assert rows['official'][-1] == 'baseline |'
