@@ -72,8 +72,8 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
-from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, serve, timed_with_usage, usage_cell,  # noqa: E402
-                                check_heap_reuse, heap_reuse_in_force, worker_environments)
+from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, add_heap_reuse_argument, serve,  # noqa: E402
+                                timed_with_usage, usage_cell)
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.precision import device_description, native_bf16  # noqa: E402
 
@@ -364,7 +364,7 @@ def path_worker(spec: dict) -> tuple:
         synchronize(device)
         return time.perf_counter() - begin
 
-    return (lambda _request: timed_with_usage(one_forward)), {'setup_s': setup_s, 'heap_reuse': heap_reuse_in_force()}
+    return (lambda _request: timed_with_usage(one_forward)), {'setup_s': setup_s}
 
 
 def bench_config(variant: str, size: int, paths: list[str], args, device: torch.device) -> dict[str, PathResult]:
@@ -375,8 +375,7 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
         specs = {path: {'variant': variant, 'size': size, 'path': path, 'device': str(device),
                         'threads': args.threads, 'warmup': args.warmup, 'weights': args.weights,
                         'output_file': os.path.join(outputs, f'{path}.pt')} for path in paths}
-        with WorkerPool(__file__, specs, worker_environments(specs, args.heap_reuse)) as pool:
-            check_heap_reuse(pool, args.heap_reuse)
+        with WorkerPool(__file__, specs, heap_reuse=args.heap_reuse) as pool:
             for path, ready in pool.ready.items():
                 results[path].setup_s = ready['setup_s']
                 results[path].output = torch.load(specs[path]['output_file'])
@@ -467,9 +466,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--weights', help='a HAT checkpoint to load (needs a single --variants entry)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
-    parser.add_argument('--heap-reuse', action='store_true',
-                        help="start the timed workers with glibc malloc keeping freed memory (no page faults after "
-                             "the warm-up: computation alone; see benchmarks/workers.py)")
+    add_heap_reuse_argument(parser)
     parser.add_argument('--memory-timeout', type=float, default=1800, help='seconds per memory subprocess')
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)

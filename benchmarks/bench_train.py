@@ -54,8 +54,8 @@ import benchmarks.official_baseline  # noqa: E402,F401  (registers OfficialHAT)
 from benchmarks.bench_inference import (VARIANTS, bf16_is_native, child_peak_mib, default_paths,  # noqa: E402
                                         load_average, machine_line, matmul_rates, names_from, network_config,
                                         peak_growth_mib, publish, synchronize)
-from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, serve, timed_with_usage, usage_cell,  # noqa: E402
-                                check_heap_reuse, heap_reuse_in_force, worker_environments)
+from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, add_heap_reuse_argument, serve,  # noqa: E402
+                                timed_with_usage, usage_cell)
 from hat.inference.precision import FORCE_BF16_ENV  # noqa: E402
 from hat.models.hat_model import HATModel  # noqa: E402
 
@@ -139,8 +139,7 @@ def timing_worker(spec: dict) -> tuple:
     data = make_batch(spec['batch'], spec['patch'], device)
     for i in range(spec['warmup']):
         step(model, data, i + 1, device)
-    info = {'loss': model.get_current_log()['l_pix'], 'setup_s': time.perf_counter() - start,
-            'heap_reuse': heap_reuse_in_force()}
+    info = {'loss': model.get_current_log()['l_pix'], 'setup_s': time.perf_counter() - start}
     return (lambda request: timed_with_usage(lambda: step(model, data, request['iteration'], device))), info
 
 
@@ -170,9 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-memory', action='store_true')
-    parser.add_argument('--heap-reuse', action='store_true',
-                        help="start the timed workers with glibc malloc keeping freed memory (no page faults after "
-                             "the warm-up: computation alone; see benchmarks/workers.py)")
+    add_heap_reuse_argument(parser)
     parser.add_argument('--memory-timeout', type=float, default=1800)
     parser.add_argument('--out', help='also write the Markdown report to this file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
@@ -221,21 +218,19 @@ def main(argv: list[str] | None = None) -> str:
             '|---|---|---|---|---|---|---|---|---|']
     for variant in args.variants:
         print(f'{variant} ...', file=sys.stderr, flush=True)
-        times = {m: [] for m in args.modes}
-        replies = {m: [] for m in args.modes}
+        replies = {m: [] for m in args.modes}  # per mode, its worker's replies: seconds, CPU time, page faults
         specs = {mode: {'variant': variant, 'mode': mode, 'patch': args.patch, 'batch': args.batch,
                         'device': str(device), 'threads': args.threads, 'warmup': args.warmup}
                  for mode in args.modes}
         # A mode that cannot run here (e.g. torch.compile without a compiler) is reported in the table.
-        with WorkerPool(__file__, specs, worker_environments(specs, args.heap_reuse)) as pool:
-            check_heap_reuse(pool, args.heap_reuse)
+        with WorkerPool(__file__, specs, heap_reuse=args.heap_reuse) as pool:
             for r in range(args.iters):
                 for mode in list(pool.workers):
                     answer = pool.request(mode, {'iteration': args.warmup + r + 1})
                     if answer is not None:
-                        times[mode].append(answer['seconds'])
                         replies[mode].append(answer)
         errors = pool.errors
+        times = {mode: [answer['seconds'] for answer in answers] for mode, answers in replies.items()}
         losses = {mode: ready['loss'] for mode, ready in pool.ready.items()}
         setup = {mode: ready['setup_s'] for mode, ready in pool.ready.items()}
         memory = {}

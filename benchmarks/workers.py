@@ -51,26 +51,17 @@ HEAP_REUSE_NOTE = ('glibc malloc set to keep freed memory for reuse (--heap-reus
                    ', '.join(f'{name}={value}' for name, value in HEAP_REUSE_ENV.items()) + ')')
 
 
-def worker_environments(labels, heap_reuse: bool) -> dict[str, dict] | None:
-    """The environments of workers ``labels`` for :class:`WorkerPool`: this process's, with :data:`HEAP_REUSE_ENV`
-    when ``heap_reuse`` (else None: this process's as it is)."""
-    if not heap_reuse:
-        return None
-    return {label: {**os.environ, **HEAP_REUSE_ENV} for label in labels}
+def add_heap_reuse_argument(parser) -> None:
+    """The benchmarks' ``--heap-reuse`` option (pass ``args.heap_reuse`` to :class:`WorkerPool`)."""
+    parser.add_argument('--heap-reuse', action='store_true',
+                        help='start the timed workers with glibc malloc keeping freed memory (no page faults after '
+                             'the warm-up: computation alone; see benchmarks/workers.py)')
 
 
 def heap_reuse_in_force() -> bool:
-    """Whether this process was started with :data:`HEAP_REUSE_ENV` (for a worker to tell its driver)."""
+    """Whether this process was started with :data:`HEAP_REUSE_ENV` (each worker tells its driver, see
+    :func:`serve`)."""
     return all(os.environ.get(name) == value for name, value in HEAP_REUSE_ENV.items())
-
-
-def check_heap_reuse(pool: 'WorkerPool', wanted: bool) -> None:
-    """Raise RuntimeError unless every ready worker of ``pool`` said (``ready['heap_reuse']``) that it runs with
-    :data:`HEAP_REUSE_ENV` exactly when ``wanted``: the table's header says how the workers ran."""
-    wrong = [label for label, ready in pool.ready.items() if ready.get('heap_reuse') is not wanted]
-    if wrong:
-        raise RuntimeError(f'workers {", ".join(wrong)} did not start with the malloc settings asked for '
-                           f'(--heap-reuse {"on" if wanted else "off"}): is MALLOC_* set in this environment?')
 
 
 def reply(message: dict, stream: TextIO | None = None) -> None:
@@ -82,14 +73,15 @@ def reply(message: dict, stream: TextIO | None = None) -> None:
 
 def serve(setup: Callable[[], tuple[Callable[[dict], dict], dict]], requests: TextIO | None = None) -> None:
     """The worker's loop: ``setup()`` builds and warms up and returns the request handler and what to tell the driver
-    (replied with ``ready: True``); its failure is replied as ``{'error': ...}`` and ends the worker. Then each
-    request line (JSON) is answered with ``handle(request)``, until the driver closes stdin."""
+    (replied with ``ready: True`` and ``heap_reuse``, :func:`heap_reuse_in_force`); its failure is replied as
+    ``{'error': ...}`` and ends the worker. Then each request line (JSON) is answered with ``handle(request)``, until
+    the driver closes stdin."""
     try:
         handle, info = setup()
     except Exception as error:  # reported by the driver in its table
         reply({'error': f'{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ""}'})
         return
-    reply({'ready': True, **info})
+    reply({'ready': True, 'heap_reuse': heap_reuse_in_force(), **info})
     for line in requests or sys.stdin:
         if line.strip():
             reply(handle(json.loads(line)))
@@ -182,20 +174,31 @@ class WorkerPool:
         script: as for :class:`Worker`.
         specs: label -> the spec of its worker, in the order to start them.
         envs: label -> that worker's environment (default: this process's).
+        heap_reuse: start every worker with :data:`HEAP_REUSE_ENV` added to its environment. Either way each
+            started worker must confirm how it runs (a table's header says so), else RuntimeError.
     """
 
-    def __init__(self, script: str, specs: dict[str, dict], envs: dict[str, dict] | None = None) -> None:
+    def __init__(self, script: str, specs: dict[str, dict], envs: dict[str, dict] | None = None, *,
+                 heap_reuse: bool = False) -> None:
         self.workers: dict[str, Worker] = {}  # the running ones (after close: the labels that ran to the end)
         self.ready: dict[str, dict] = {}  # each running worker's ready reply
         self.errors: dict[str, str] = {}
         try:
             for label, spec in specs.items():
-                worker = Worker(script, spec, (envs or {}).get(label))
+                env = (envs or {}).get(label)
+                if heap_reuse:
+                    env = {**(os.environ if env is None else env), **HEAP_REUSE_ENV}
+                worker = Worker(script, spec, env)
                 if 'error' in worker.ready:
                     self.errors[label] = worker.ready['error']
                     worker.close()
                 else:
                     self.workers[label], self.ready[label] = worker, worker.ready
+            wrong = [label for label, ready in self.ready.items() if ready['heap_reuse'] is not heap_reuse]
+            if wrong:
+                raise RuntimeError(f'workers {", ".join(wrong)} did not start with the malloc settings asked for '
+                                   f'(--heap-reuse {"on" if heap_reuse else "off"}): is MALLOC_* set in this '
+                                   'environment?')
         except BaseException:
             self.close()
             raise

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import textwrap
 
@@ -29,7 +30,8 @@ def test_serve_answers_each_request_after_ready(monkeypatch):
     monkeypatch.setattr(sys, 'stdout', out)
     workers.serve(lambda: ((lambda request: {'double': 2 * request['x']}), {'setup_s': 1.5}),
                   requests=io.StringIO('{"x": 3}\n\n{"x": -1}\n'))
-    assert replies(out.getvalue()) == [{'ready': True, 'setup_s': 1.5}, {'double': 6}, {'double': -2}]
+    assert replies(out.getvalue()) == [{'ready': True, 'heap_reuse': False, 'setup_s': 1.5}, {'double': 6},
+                                       {'double': -2}]
 
 
 def test_serve_replies_a_failed_setup_and_stops(monkeypatch):
@@ -70,31 +72,6 @@ def test_usage_cell_gives_the_medians():
     assert workers.usage_cell([]) == '-'
 
 
-def test_heap_reuse_environment_and_its_check(monkeypatch):
-    """--heap-reuse: each worker's environment is this process's plus the malloc settings, and the driver refuses a
-    pool whose workers say otherwise (the header would misstate how they ran)."""
-    monkeypatch.setenv('HAT_SOME_VARIABLE', 'kept')
-    assert workers.worker_environments(['a', 'b'], heap_reuse=False) is None
-    environments = workers.worker_environments(['a', 'b'], heap_reuse=True)
-    assert set(environments) == {'a', 'b'}
-    for environment in environments.values():
-        assert environment['HAT_SOME_VARIABLE'] == 'kept'
-        assert environment['MALLOC_MMAP_THRESHOLD_'] == str(1 << 30)
-    for name, value in workers.HEAP_REUSE_ENV.items():
-        monkeypatch.setenv(name, value)
-    assert workers.heap_reuse_in_force()
-    monkeypatch.delenv('MALLOC_TRIM_THRESHOLD_')
-    assert not workers.heap_reuse_in_force()
-
-    class Pool:
-        ready = {'official': {'heap_reuse': True}, 'fp32': {'heap_reuse': False}}
-
-    with pytest.raises(RuntimeError, match='workers fp32 did not start with the malloc settings'):
-        workers.check_heap_reuse(Pool, True)
-    with pytest.raises(RuntimeError, match='workers official did not'):
-        workers.check_heap_reuse(Pool, False)
-
-
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {repo!r})
@@ -106,7 +83,9 @@ SCRIPT = textwrap.dedent('''
     def handle(request):
         if request.get('fail'):
             return {{'error': 'asked to fail'}}
-        return {{'sum': spec['base'] + request['x'], 'pid': os.getpid()}}
+        return {{'sum': spec['base'] + request['x'], 'pid': os.getpid(),
+                 'variable': os.environ.get('HAT_SOME_VARIABLE'),
+                 'threshold': os.environ.get('MALLOC_MMAP_THRESHOLD_')}}
     workers.serve(lambda: (handle, {{'base': spec['base']}}))
 ''')
 
@@ -121,7 +100,8 @@ def script(tmp_path):
 def test_workers_keep_their_state_in_processes_of_their_own(script):
     first, second = workers.Worker(script, {'base': 10}), workers.Worker(script, {'base': 100})
     try:
-        assert first.ready == {'ready': True, 'base': 10}  # the line printed before the reply is skipped
+        # the line printed before the reply is skipped
+        assert first.ready == {'ready': True, 'heap_reuse': False, 'base': 10}
         answers = [first.request({'x': 1}), second.request({'x': 2}), first.request({'x': 3})]
         assert [a['sum'] for a in answers] == [11, 102, 13]
         assert answers[0]['pid'] == answers[2]['pid'] == first.process.pid != second.process.pid
@@ -160,6 +140,30 @@ def test_a_worker_killed_while_it_waits_is_dropped_and_the_others_go_on(script):
         assert pool.request('second', {'x': 5})['sum'] == 7
 
 
+def test_heap_reuse_starts_the_workers_with_the_malloc_settings_and_checks_them(script, monkeypatch):
+    """heap_reuse: each worker's environment (this process's, or the one given) plus the malloc settings, which the
+    worker confirms; a pool whose workers run otherwise than asked is refused (a header would misstate how they
+    ran)."""
+    monkeypatch.setenv('HAT_SOME_VARIABLE', 'kept')
+    environment = {**os.environ, 'HAT_SOME_VARIABLE': 'given'}
+    with workers.WorkerPool(script, {'first': {'base': 1}, 'second': {'base': 2}}, {'second': environment},
+                            heap_reuse=True) as pool:
+        assert all(ready['heap_reuse'] for ready in pool.ready.values())
+        first, second = pool.request('first', {'x': 0}), pool.request('second', {'x': 0})
+    assert (first['variable'], second['variable']) == ('kept', 'given')
+    assert first['threshold'] == second['threshold'] == str(1 << 30)
+    with workers.WorkerPool(script, {'first': {'base': 1}}) as pool:
+        assert pool.ready['first']['heap_reuse'] is False
+    for name, value in workers.HEAP_REUSE_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert workers.heap_reuse_in_force()
+    with pytest.raises(RuntimeError, match=r'workers first, second did not start with the malloc settings asked '
+                                           r'for \(--heap-reuse off\)'):
+        workers.WorkerPool(script, {'first': {'base': 1}, 'second': {'base': 2}})
+    monkeypatch.delenv('MALLOC_TRIM_THRESHOLD_')
+    assert not workers.heap_reuse_in_force()
+
+
 def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
     """Two tiny modes, two rounds: a row per mode with its speed-up and the range of the rounds."""
     out = tmp_path / 'train.md'
@@ -180,19 +184,34 @@ def test_bench_train_times_each_mode_in_its_own_process(tmp_path):
             assert user_s >= 0.5 * float(row[2]) and row[8].endswith('M |'), mode
 
 
-def test_bench_train_with_heap_reuse_starts_its_workers_with_the_malloc_settings():
-    """The workers report the settings in force (a driver that dropped them would stop with an error) and the
-    header says how they ran."""
+def confirmed_heap_reuse(module, monkeypatch) -> list[bool]:
+    """What the workers of ``module``'s pools said of the malloc settings in their ready replies, recorded."""
+    said = []
+
+    class RecordingPool(workers.WorkerPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            said.extend(ready['heap_reuse'] for ready in self.ready.values())
+
+    monkeypatch.setattr(module, 'WorkerPool', RecordingPool)
+    return said
+
+
+def test_bench_train_with_heap_reuse_starts_its_workers_with_the_malloc_settings(monkeypatch):
+    """The workers confirm the settings in force and the header says how they ran."""
+    said = confirmed_heap_reuse(bench_train, monkeypatch)
     report = bench_train.main(['--variants', 'HAT-S', '--modes', 'fp32', '--batch', '1', '--patch', '16',
                                '--iters', '1', '--warmup', '1', '--no-memory', '--heap-reuse'])
     assert f'each mode in a process of its own; {workers.HEAP_REUSE_NOTE}; 1 interleaved rounds' in report
     assert any(line.startswith('| HAT-S | fp32 | ') for line in report.splitlines())
+    assert said == [True]
 
 
-def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights(tmp_path):
+def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights(tmp_path, monkeypatch):
     """HAT-S x4 on a 16x16 image with a checkpoint: the official computation and our fp32 path, each in its own
     worker, compute the same function of the same weights (the outputs come back from the workers); with
     --heap-reuse, which the workers confirm."""
+    said = confirmed_heap_reuse(bench_inference, monkeypatch)
     weights = tmp_path / 'hat_s.pth'
     torch.manual_seed(1)
     torch.save({'params_ema': HAT(**bench_inference.network_config('HAT-S')).state_dict()}, weights)
@@ -200,6 +219,7 @@ def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights
                                    '2', '--no-memory', '--weights', str(weights), '--heap-reuse'])
     assert (f'each path in a process of its own; {workers.HEAP_REUSE_NOTE}; 2 interleaved rounds after 1 warm-up; '
             'weights') in report
+    assert said == [True, True]
     rows = {line.split(' | ')[2]: line.split(' | ') for line in report.splitlines() if line.startswith('| HAT-S')}
     assert set(rows) == {'official', 'fp32'}
     assert rows['official'][-1] == 'baseline |'
