@@ -34,7 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Callable, TextIO
+from typing import Callable, Mapping, TextIO
 
 try:
     import resource
@@ -58,10 +58,15 @@ def add_heap_reuse_argument(parser) -> None:
                              'the warm-up: computation alone; see benchmarks/workers.py)')
 
 
+def heap_reuse_in(environment: Mapping[str, str]) -> bool:
+    """Whether ``environment`` holds every setting of :data:`HEAP_REUSE_ENV`."""
+    return all(environment.get(name) == value for name, value in HEAP_REUSE_ENV.items())
+
+
 def heap_reuse_in_force() -> bool:
     """Whether this process was started with :data:`HEAP_REUSE_ENV` (each worker tells its driver, see
     :func:`serve`)."""
-    return all(os.environ.get(name) == value for name, value in HEAP_REUSE_ENV.items())
+    return heap_reuse_in(os.environ)
 
 
 def reply(message: dict, stream: TextIO | None = None) -> None:
@@ -175,7 +180,9 @@ class WorkerPool:
         specs: label -> the spec of its worker, in the order to start them.
         envs: label -> that worker's environment (default: this process's).
         heap_reuse: start every worker with :data:`HEAP_REUSE_ENV` added to its environment. Either way each
-            started worker must confirm how it runs (a table's header says so), else RuntimeError.
+            started worker must confirm how it runs (a table's header says so), else RuntimeError: with the
+            settings where ``heap_reuse`` is set or its environment in ``envs`` holds them (a comparison of
+            environments), without them otherwise (not inherited unasked from this process's).
     """
 
     def __init__(self, script: str, specs: dict[str, dict], envs: dict[str, dict] | None = None, *,
@@ -184,8 +191,10 @@ class WorkerPool:
         self.ready: dict[str, dict] = {}  # each running worker's ready reply
         self.errors: dict[str, str] = {}
         try:
+            expected: dict[str, bool] = {}
             for label, spec in specs.items():
                 env = (envs or {}).get(label)
+                expected[label] = heap_reuse or (env is not None and heap_reuse_in(env))
                 if heap_reuse:
                     env = {**(os.environ if env is None else env), **HEAP_REUSE_ENV}
                 worker = Worker(script, spec, env)
@@ -194,11 +203,11 @@ class WorkerPool:
                     worker.close()
                 else:
                     self.workers[label], self.ready[label] = worker, worker.ready
-            wrong = [label for label, ready in self.ready.items() if ready['heap_reuse'] is not heap_reuse]
+            wrong = [label for label, ready in self.ready.items() if ready['heap_reuse'] is not expected[label]]
             if wrong:
-                raise RuntimeError(f'workers {", ".join(wrong)} did not start with the malloc settings asked for '
-                                   f'(--heap-reuse {"on" if heap_reuse else "off"}): is MALLOC_* set in this '
-                                   'environment?')
+                asked = ', '.join(f'{label} {"with" if expected[label] else "without"}' for label in wrong)
+                raise RuntimeError(f'workers did not start as asked for the malloc settings of --heap-reuse '
+                                   f'({asked}): is MALLOC_* set in this environment?')
         except BaseException:
             self.close()
             raise

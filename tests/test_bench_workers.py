@@ -154,11 +154,16 @@ def test_heap_reuse_starts_the_workers_with_the_malloc_settings_and_checks_them(
     assert first['threshold'] == second['threshold'] == str(1 << 30)
     with workers.WorkerPool(script, {'first': {'base': 1}}) as pool:
         assert pool.ready['first']['heap_reuse'] is False
+    # An environment given for one worker may hold the settings (alternate.py --env compares environments).
+    with workers.WorkerPool(script, {'first': {'base': 1}, 'second': {'base': 2}},
+                            {'second': {**os.environ, **workers.HEAP_REUSE_ENV}}) as pool:
+        assert (pool.ready['first']['heap_reuse'], pool.ready['second']['heap_reuse']) == (False, True)
+        assert pool.request('second', {'x': 0})['threshold'] == str(1 << 30)
     for name, value in workers.HEAP_REUSE_ENV.items():
         monkeypatch.setenv(name, value)
     assert workers.heap_reuse_in_force()
-    with pytest.raises(RuntimeError, match=r'workers first, second did not start with the malloc settings asked '
-                                           r'for \(--heap-reuse off\)'):
+    with pytest.raises(RuntimeError, match=r'workers did not start as asked for the malloc settings of --heap-reuse '
+                                           r'\(first without, second without\)'):
         workers.WorkerPool(script, {'first': {'base': 1}, 'second': {'base': 2}})
     monkeypatch.delenv('MALLOC_TRIM_THRESHOLD_')
     assert not workers.heap_reuse_in_force()
