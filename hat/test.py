@@ -20,6 +20,7 @@ from basicsr.utils import get_env_info, get_time_str, make_exp_dirs  # noqa: E40
 from basicsr.utils.options import dict2str  # noqa: E402
 
 from hat.utils.cli import run_command  # noqa: E402
+from hat.utils.heap import keep_freed_memory  # noqa: E402
 from hat.utils.log import setup_logger  # noqa: E402
 from hat.utils.options import parse_options  # noqa: E402
 
@@ -58,4 +59,5 @@ def test_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) -> 
 
 
 if __name__ == '__main__':
+    keep_freed_memory()  # the allocator keeps freed maps for the next image (hat/utils/heap.py)
     sys.exit(run_command(lambda: test_pipeline(ROOT_PATH), prog='test.py'))

@@ -47,6 +47,7 @@ from hat.inference.upscaler import DEFAULT_TILE_PAD, Upscaler, parse_tile
 from hat.io.images import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, ImageError, UnreadableImageError, read_picture,
                            write_picture)
 from hat.utils.cli import parse_or_status, set_up_logging
+from hat.utils.heap import keep_freed_memory
 
 logger = logging.getLogger('hat.upscale')
 
@@ -323,7 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry point (``hat-upscale``)."""
+    """Console-script entry point (``hat-upscale``). A command of its own, it first sets the C allocator to keep
+    freed memory for the next forward (:mod:`hat.utils.heap`: 11% faster at 256x256 on the CPU); :func:`main`, which
+    programs and tests call, leaves the allocator as it is."""
+    keep_freed_memory()
     sys.exit(main())
 
 
