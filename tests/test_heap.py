@@ -33,17 +33,19 @@ def test_sets_the_three_parameters_and_says_whether_all_were_taken():
 
 
 @pytest.mark.parametrize('environment', [
-    {'MALLOC_TRIM_THRESHOLD_': '0'}, {'MALLOC_ARENA_MAX': '2'},
+    {'HAT_KEEP_FREED_MEMORY': '0'}, {'MALLOC_TRIM_THRESHOLD_': '0'}, {'MALLOC_ARENA_MAX': '2'},
     {'GLIBC_TUNABLES': 'glibc.rtld.optional_static_tls=1:glibc.malloc.tcache_count=0'}])
-def test_the_users_own_malloc_settings_are_kept(environment):
+def test_the_off_switch_and_the_users_own_malloc_settings_are_kept(environment):
     libc = FakeLibc()
-    assert heap.user_set_malloc(environment)
     assert heap.keep_freed_memory(environment, libc) is False
     assert libc.calls == []
 
 
-def test_unrelated_tunables_are_not_a_malloc_setting():
-    assert not heap.user_set_malloc({'GLIBC_TUNABLES': 'glibc.rtld.optional_static_tls=1', 'PATH': '/bin'})
+def test_unrelated_variables_change_nothing():
+    libc = FakeLibc()
+    environment = {'GLIBC_TUNABLES': 'glibc.rtld.optional_static_tls=1', 'PATH': '/bin', 'HAT_KEEP_FREED_MEMORY': '1'}
+    assert heap.keep_freed_memory(environment, libc) is True
+    assert len(libc.calls) == 3
 
 
 def test_without_glibc_nothing_is_set(monkeypatch):

@@ -9,9 +9,9 @@ against 25.2 s over four alternated rounds, each setting in a process of its own
 
 The cost is that the process keeps, until it exits, the memory its largest step needed. So the command lines that
 upscale or test (``hat-upscale``, ``hat/test.py``) set it at their start, and the library does not: a server or a
-program that imports ``hat`` keeps its allocator as it is. Where the user has set glibc's malloc through its
-environment (``MALLOC_*_`` variables or ``GLIBC_TUNABLES``), that choice is kept. Other C libraries (macOS, Windows,
-musl) are left alone.
+program that imports ``hat`` keeps its allocator as it is. ``HAT_KEEP_FREED_MEMORY=0`` in the environment turns it
+off, and where the user has set glibc's malloc through its environment (``MALLOC_*_`` variables or
+``GLIBC_TUNABLES``), that choice is kept. Other C libraries (macOS, Windows, musl) are left alone.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ M_MMAP_THRESHOLD = -3
 # Blocks up to 1 GiB from the heap, freed memory kept unless 2 GiB lie free at its top (mallopt takes an int), the
 # heap grown 64 MiB at a time.
 KEEP_FREED_MEMORY = ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 26))
+OFF_SWITCH = 'HAT_KEEP_FREED_MEMORY'  # '0': leave the allocator as it is
 # What says the user has chosen glibc malloc's settings already.
 USER_MALLOC_VARIABLES = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'MALLOC_ARENA_MAX',
                          'MALLOC_MMAP_MAX_')
@@ -57,10 +58,12 @@ def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes
         libc: the C library to set (default :func:`glibc`; tests pass a stand-in).
 
     Returns:
-        Whether every setting was taken: False on another C library, where the user's environment sets malloc, or
-        where glibc refused one (older versions cap the mmap threshold at 32 MiB).
+        Whether every setting was taken: False on another C library, where the environment turns it off
+        (:data:`OFF_SWITCH` ``=0``) or sets malloc itself, or where glibc refused one (older versions cap the mmap
+        threshold at 32 MiB).
     """
-    if user_set_malloc(os.environ if environment is None else environment):
+    environment = os.environ if environment is None else environment
+    if environment.get(OFF_SWITCH, '').strip() == '0' or user_set_malloc(environment):
         return False
     libc = libc or glibc()
     if libc is None:
