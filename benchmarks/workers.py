@@ -36,6 +36,8 @@ import subprocess
 import sys
 from typing import Callable, Mapping, TextIO
 
+from hat.utils.heap import KEEP_FREED_MEMORY_ENV
+
 try:
     import resource
 except ImportError:  # Windows
@@ -43,10 +45,9 @@ except ImportError:  # Windows
 
 REPLY_MARK = '@worker '
 
-# glibc malloc: blocks up to 1 GiB from the heap (not mapped fresh), freed memory kept (trimmed only above 4 GiB),
-# the heap grown 64 MiB at a time. Read by glibc at the process's start.
-HEAP_REUSE_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 30), 'MALLOC_TRIM_THRESHOLD_': str(1 << 32),
-                  'MALLOC_TOP_PAD_': str(1 << 26)}
+# glibc malloc: blocks up to 1 GiB from the heap (not mapped fresh), freed memory kept (trimmed only above 2 GiB),
+# the heap grown 64 MiB at a time; read by glibc at the process's start. What hat-upscale and hat/test.py set.
+HEAP_REUSE_ENV = KEEP_FREED_MEMORY_ENV
 HEAP_REUSE_NOTE = ('glibc malloc set to keep freed memory for reuse (--heap-reuse: ' +
                    ', '.join(f'{name}={value}' for name, value in HEAP_REUSE_ENV.items()) + ')')
 

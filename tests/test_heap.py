@@ -94,3 +94,13 @@ def test_the_command_sets_the_allocator_and_main_does_not(monkeypatch):
         upscale.cli()
     assert exit_info.value.code == 0
     assert calls == ['set', 'main']
+
+
+def test_the_environment_form_holds_the_same_settings():
+    """Benchmark workers get the settings through their environment (benchmarks/workers.py --heap-reuse): the values
+    the commands set with mallopt."""
+    by_option = dict(heap.KEEP_FREED_MEMORY)
+    assert heap.KEEP_FREED_MEMORY_ENV == {'MALLOC_MMAP_THRESHOLD_': str(by_option[heap.M_MMAP_THRESHOLD]),
+                                          'MALLOC_TRIM_THRESHOLD_': str(by_option[heap.M_TRIM_THRESHOLD]),
+                                          'MALLOC_TOP_PAD_': str(by_option[heap.M_TOP_PAD])}
+    assert heap.user_set_malloc(heap.KEEP_FREED_MEMORY_ENV)
