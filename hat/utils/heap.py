@@ -62,8 +62,8 @@ def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes
 
     Returns:
         Whether every setting was taken: False on another C library, where the environment turns it off
-        (:data:`OFF_SWITCH` ``=0``) or sets malloc itself, or where glibc refused one (older versions cap the mmap
-        threshold at 32 MiB).
+        (:data:`OFF_SWITCH` ``=0``) or sets malloc itself, or where glibc refuses the 1 GiB mmap threshold
+        (mallopt(3) gives 32 MiB as its upper limit on 64-bit systems; glibc 2.36 takes 1 GiB).
     """
     environment = os.environ if environment is None else environment
     if environment.get(OFF_SWITCH, '').strip() == '0' or user_set_malloc(environment):
@@ -71,4 +71,6 @@ def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes
     libc = libc or glibc()
     if libc is None:
         return False
-    return all([libc.mallopt(option, value) == 1 for option, value in KEEP_FREED_MEMORY])
+    # The mmap threshold first: where it is refused, the others are not set either, as a fixed trim threshold
+    # alone would also fix the mmap threshold at its start value (128 KiB) and map more blocks fresh, not fewer.
+    return all(libc.mallopt(option, value) == 1 for option, value in KEEP_FREED_MEMORY)
