@@ -28,8 +28,9 @@ M_MMAP_THRESHOLD = -3
 # heap grown 64 MiB at a time.
 KEEP_FREED_MEMORY = ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 26))
 # The same settings as glibc reads them from the environment of a process that starts (benchmark workers).
-KEEP_FREED_MEMORY_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 30), 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1),
-                         'MALLOC_TOP_PAD_': str(1 << 26)}
+ENVIRONMENT_NAMES = {M_MMAP_THRESHOLD: 'MALLOC_MMAP_THRESHOLD_', M_TRIM_THRESHOLD: 'MALLOC_TRIM_THRESHOLD_',
+                     M_TOP_PAD: 'MALLOC_TOP_PAD_'}
+KEEP_FREED_MEMORY_ENV = {ENVIRONMENT_NAMES[option]: str(value) for option, value in KEEP_FREED_MEMORY}
 OFF_SWITCH = 'HAT_KEEP_FREED_MEMORY'  # '0': leave the allocator as it is
 # What says the user has chosen glibc malloc's settings already.
 USER_MALLOC_VARIABLES = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'MALLOC_ARENA_MAX',
