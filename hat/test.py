@@ -30,6 +30,9 @@ ROOT_PATH = osp.dirname(osp.dirname(osp.abspath(__file__)))
 def test_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) -> dict:
     """Run a test option file. Returns ``{dataset name: {metric: value}}`` (empty dicts for sets without GT)."""
     opt, _ = parse_options(root_path, is_train=False, argv=argv)
+    # The data sets first: a missing or malformed one stops the run before results/<name> is made, and before an
+    # earlier run's folder of that name is archived.
+    test_sets = [(build_dataset(dataset_opt), dataset_opt) for _, dataset_opt in sorted(opt['datasets'].items())]
     if opt['rank'] == 0:
         make_exp_dirs(opt)
     if opt['dist']:
@@ -40,8 +43,7 @@ def test_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) -> 
     logger.info(dict2str(opt))
 
     test_loaders = []
-    for _, dataset_opt in sorted(opt['datasets'].items()):
-        test_set = build_dataset(dataset_opt)
+    for test_set, dataset_opt in test_sets:
         test_loaders.append(build_dataloader(test_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                              sampler=None, seed=opt['manual_seed']))
         logger.info(f"Number of test images in {dataset_opt['name']}: {len(test_set)}")

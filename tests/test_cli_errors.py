@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.slow  # starts Python subprocesses
 
 def demo_options_with_missing_dataset(tmp_path: Path) -> Path:
     opt = yaml.safe_load((REPO / 'options' / 'test' / 'HAT-demo_SRx4.yml').read_text())
+    opt['name'] = f'missing_dataset_{uuid.uuid4().hex[:12]}'  # no results/<name> of a real run is at stake
     opt['datasets']['test_1']['dataroot_gt'] = str(tmp_path / 'no_such_set' / 'GTmod4')
     opt['datasets']['test_1']['dataroot_lq'] = str(tmp_path / 'no_such_set' / 'LRbicx4')
     opt['num_gpu'] = 0
@@ -38,6 +40,9 @@ def test_test_py_with_a_missing_dataset_says_so_without_a_traceback(tmp_path):
     assert 'Traceback' not in result.stderr
     debug = run(str(REPO / 'hat' / 'test.py'), '-opt', str(options), '--debug', cwd=tmp_path)
     assert debug.returncode != 0 and 'Traceback' in debug.stderr
+    # Stopped before any folder was made (or an earlier run's folder of that name archived).
+    name = yaml.safe_load(options.read_text())['name']
+    assert not list((REPO / 'results').glob(f'*{name}*'))
 
 
 def test_train_py_with_a_missing_option_file_exits_2(tmp_path):
