@@ -35,10 +35,11 @@ from hat.utils.resume import prepare_resume, restore_rng_state  # noqa: E402
 ROOT_PATH = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def create_dataloaders(opt: dict, logger: logging.Logger) -> tuple:
-    """(train_loader, train_sampler, val_loaders, total_epochs, total_iters) from ``opt['datasets']``."""
+def create_dataloaders(opt: dict) -> tuple:
+    """(train_loader, train_sampler, val_loaders, total_epochs, total_iters, notes) from ``opt['datasets']``; notes:
+    a line per data set for the log (built before the log exists, see :func:`train_pipeline`)."""
     train_loader = train_sampler = None
-    val_loaders = []
+    val_loaders, notes = [], []
     total_epochs = total_iters = 0
     for phase, dataset_opt in opt['datasets'].items():
         if phase == 'train':
@@ -56,19 +57,19 @@ def create_dataloaders(opt: dict, logger: logging.Logger) -> tuple:
                                  f'{dataset_opt["batch_size_per_gpu"]}. Add images or raise dataset_enlarge_ratio.')
             total_iters = int(opt['train']['total_iter'])
             total_epochs = math.ceil(total_iters / iters_per_epoch)
-            logger.info(f'Training set: {len(train_set)} images, enlarge ratio {enlarge_ratio}, batch size per '
-                        f'process {dataset_opt["batch_size_per_gpu"]}, world size {opt["world_size"]}, '
-                        f'{iters_per_epoch} iters per epoch; total {total_epochs} epochs, {total_iters} iters.')
+            notes.append(f'Training set: {len(train_set)} images, enlarge ratio {enlarge_ratio}, batch size per '
+                         f'process {dataset_opt["batch_size_per_gpu"]}, world size {opt["world_size"]}, '
+                         f'{iters_per_epoch} iters per epoch; total {total_epochs} epochs, {total_iters} iters.')
         elif phase.split('_')[0] == 'val':
             val_set = build_dataset(dataset_opt)
             val_loaders.append(build_dataloader(val_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                                 sampler=None, seed=opt['manual_seed']))
-            logger.info(f'Validation set {dataset_opt["name"]}: {len(val_set)} images.')
+            notes.append(f'Validation set {dataset_opt["name"]}: {len(val_set)} images.')
         else:
             raise ValueError(f'Dataset phase {phase!r} is not recognised: use train or val_*.')
     if train_loader is None:
         raise ValueError('The option file has no datasets.train entry.')
-    return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+    return train_loader, train_sampler, val_loaders, total_epochs, total_iters, notes
 
 
 def make_prefetcher(opt: dict, train_loader, logger: logging.Logger):
@@ -160,6 +161,9 @@ def train_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) ->
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
+    # The data first: a missing or malformed data set stops the run before experiments/<name> is made, and before
+    # an earlier run's folder of that name is archived.
+    train_loader, train_sampler, val_loaders, total_epochs, total_iters, data_notes = create_dataloaders(opt)
     resume_state = prepare_resume(opt, device)
     if resume_state is None and opt['rank'] == 0:
         make_exp_dirs(opt)
@@ -179,7 +183,8 @@ def train_pipeline(root_path: str = ROOT_PATH, argv: list[str] | None = None) ->
     if opt['logger'].get('use_tb_logger') and 'debug' not in opt['name'] and opt['rank'] == 0:
         tb_logger = init_tb_logger(log_dir=osp.join(root_path, 'tb_logger', opt['name']))
 
-    train_loader, train_sampler, val_loaders, total_epochs, total_iters = create_dataloaders(opt, logger)
+    for note in data_notes:
+        logger.info(note)
 
     model = build_model(opt)
     if resume_state:

@@ -51,6 +51,21 @@ def test_train_py_with_a_missing_option_file_exits_2(tmp_path):
     assert 'nothing.yml' in result.stderr and 'Traceback' not in result.stderr
 
 
+def test_train_py_with_a_missing_dataset_stops_before_making_its_folders(tmp_path):
+    """A run that cannot start makes no experiments/<name> (nor archives an earlier run's folder of that name)."""
+    opt = yaml.safe_load((REPO / 'options' / 'train' / 'train_HAT-demo_SRx4.yml').read_text())
+    opt['name'] = f'missing_dataset_{uuid.uuid4().hex[:12]}'
+    opt['datasets']['train']['dataroot_gt'] = str(tmp_path / 'no_such_set')
+    opt['num_gpu'] = 0
+    options = tmp_path / 'missing_dataset.yml'
+    options.write_text(yaml.safe_dump(opt))
+    result = run(str(REPO / 'hat' / 'train.py'), '-opt', str(options), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'no_such_set' in result.stderr and 'Traceback' not in result.stderr
+    for folder in ('experiments', 'tb_logger'):
+        assert not list((REPO / folder).glob(f'*{opt["name"]}*'))
+
+
 def test_hat_upscale_version_and_missing_model(tmp_path):
     version = run('-m', 'hat.upscale', '--version', cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.strip() == f'hat-upscale {__version__}'
