@@ -30,6 +30,7 @@ from hat.inference.precision import default_device
 from hat.inference.upscaler import parse_tile
 from hat.inference.memory import is_out_of_memory
 from hat.io.images import ImageError, UnreadableImageError, read_picture, write_picture
+from hat.utils.heap import keep_freed_memory
 
 logger = logging.getLogger('hat.predict')
 
@@ -87,6 +88,9 @@ class Predictor(BaseRunner):
         if not logging.getLogger().handlers:  # Cog's worker forwards stderr as the server's (and prediction's) log
             logging.basicConfig(level=logging.INFO, format='%(levelname)s: %(message)s')
         logger.setLevel(logging.INFO)
+        # Only with HAT_KEEP_FREED_MEMORY=1: a server that keeps its largest request's memory is the operator's call.
+        if keep_freed_memory(default=False):
+            logger.info('glibc malloc keeps freed memory for reuse (HAT_KEEP_FREED_MEMORY=1)')
         self.device = torch.device(default_device())
         self._model_key: Optional[tuple] = None
         self._model: Optional[ModelDescriptor] = None

@@ -43,6 +43,14 @@ def test_the_off_switch_and_the_users_own_malloc_settings_are_kept(environment):
     assert libc.calls == []
 
 
+def test_the_server_sets_it_only_when_asked():
+    """predict.py calls it with default=False: HAT_KEEP_FREED_MEMORY=1 turns it on there."""
+    quiet, asked = FakeLibc(), FakeLibc()
+    assert heap.keep_freed_memory({}, quiet, default=False) is False and quiet.calls == []
+    assert heap.keep_freed_memory({'HAT_KEEP_FREED_MEMORY': '1'}, asked, default=False) is True
+    assert len(asked.calls) == 3
+
+
 def test_unrelated_variables_change_nothing():
     libc = FakeLibc()
     environment = {'GLIBC_TUNABLES': 'glibc.rtld.optional_static_tls=1', 'PATH': '/bin', 'HAT_KEEP_FREED_MEMORY': '1'}

@@ -134,6 +134,15 @@ def test_parse_tile(predict_module):
             parse(bad)
 
 
+def test_setup_keeps_freed_memory_only_when_asked(predict_module, monkeypatch):
+    """The server leaves glibc's malloc as it is unless HAT_KEEP_FREED_MEMORY=1 (hat.utils.heap; the commands set it
+    unless =0)."""
+    calls = []
+    monkeypatch.setattr(predict_module, 'keep_freed_memory', lambda **options: calls.append(options) or False)
+    predict_module.Predictor().setup()
+    assert calls == [{'default': False}]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # In-process, the shipped demo model
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ against 25.2 s over four alternated rounds, each setting in a process of its own
 
 The cost is that the process keeps, until it exits, the memory its largest step needed. So the command lines that
 upscale or test (``hat-upscale``, ``hat/test.py``) set it at their start, and the library does not: a server or a
-program that imports ``hat`` keeps its allocator as it is. ``HAT_KEEP_FREED_MEMORY=0`` in the environment turns it
-off, and where the user has set glibc's malloc through its environment (``MALLOC_*_`` variables or
-``GLIBC_TUNABLES``), that choice is kept. Other C libraries (macOS, Windows, musl) are left alone.
+program that imports ``hat`` keeps its allocator as it is; the Cog server (``predict.py``) sets it only when asked.
+``HAT_KEEP_FREED_MEMORY=0`` in the environment turns it off for the commands, ``=1`` on for the server, and where the
+user has set glibc's malloc through its environment (``MALLOC_*_`` variables or ``GLIBC_TUNABLES``), that choice is
+kept. Other C libraries (macOS, Windows, musl) are left alone.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ KEEP_FREED_MEMORY = ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 2**31 - 1),
 ENVIRONMENT_NAMES = {M_MMAP_THRESHOLD: 'MALLOC_MMAP_THRESHOLD_', M_TRIM_THRESHOLD: 'MALLOC_TRIM_THRESHOLD_',
                      M_TOP_PAD: 'MALLOC_TOP_PAD_'}
 KEEP_FREED_MEMORY_ENV = {ENVIRONMENT_NAMES[option]: str(value) for option, value in KEEP_FREED_MEMORY}
-OFF_SWITCH = 'HAT_KEEP_FREED_MEMORY'  # '0': leave the allocator as it is
+SWITCH = 'HAT_KEEP_FREED_MEMORY'  # '0': leave the allocator as it is; '1': set it; unset: the caller's default
 # What says the user has chosen glibc malloc's settings already.
 USER_MALLOC_VARIABLES = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'MALLOC_ARENA_MAX',
                          'MALLOC_MMAP_MAX_')
@@ -54,20 +55,24 @@ def user_set_malloc(environment: Mapping[str, str]) -> bool:
             or 'glibc.malloc.' in environment.get('GLIBC_TUNABLES', ''))
 
 
-def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes.CDLL | None = None) -> bool:
+def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes.CDLL | None = None, *,
+                      default: bool = True) -> bool:
     """Set glibc's malloc to serve blocks up to 1 GiB from its heap and to keep what is freed (see the module doc).
 
     Args:
-        environment: where to look for the user's own malloc settings (default ``os.environ``).
+        environment: where to look for :data:`SWITCH` and the user's own malloc settings (default ``os.environ``).
         libc: the C library to set (default :func:`glibc`; tests pass a stand-in).
+        default: whether to set it where :data:`SWITCH` is not set (the commands: True; the server: False).
 
     Returns:
-        Whether every setting was taken: False on another C library, where the environment turns it off
-        (:data:`OFF_SWITCH` ``=0``) or sets malloc itself, or where glibc refuses the 1 GiB mmap threshold
+        Whether every setting was taken: False on another C library, where :data:`SWITCH` (or, unset, ``default``)
+        says no, where the environment sets malloc itself, or where glibc refuses the 1 GiB mmap threshold
         (mallopt(3) gives 32 MiB as its upper limit on 64-bit systems; glibc 2.36 takes 1 GiB).
     """
     environment = os.environ if environment is None else environment
-    if environment.get(OFF_SWITCH, '').strip() == '0' or user_set_malloc(environment):
+    switch = environment.get(SWITCH, '').strip()
+    wanted = switch != '0' if switch else default
+    if not wanted or user_set_malloc(environment):
         return False
     libc = libc or glibc()
     if libc is None:
