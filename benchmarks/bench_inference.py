@@ -79,6 +79,8 @@ from hat.inference.precision import device_description, native_bf16  # noqa: E40
 
 MANIFESTS = ROOT / 'tests' / 'data' / 'golden'
 VARIANTS = ('HAT-S', 'HAT', 'HAT-L')
+# autocast's cache of bf16 weight copies: off, as in the inference engine (hat/inference/upscaler.py says why)
+AUTOCAST_CACHE = False
 SIZES = (64, 128, 256)
 PATHS = ('official', 'reference', 'fp32', 'bf16', 'compile', 'compile-bf16')
 DEFAULT_PATHS = ('official', 'fp32', 'bf16', 'compile')  # bf16 ones only where native: see default_paths()
@@ -117,7 +119,8 @@ def build(path: str, cfg: dict, state_dict: dict | None,
     low_precision = path in BF16_PATHS
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision,
+                                             cache_enabled=AUTOCAST_CACHE):
             return net(x)
 
     return forward

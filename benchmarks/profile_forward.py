@@ -145,7 +145,7 @@ def profile(net: nn.Module, x: torch.Tensor, *, repeats: int = 3, bf16: bool = F
     result = StepProfile()
 
     def forward() -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             return net(x)
 
     forward()
@@ -182,7 +182,7 @@ def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) 
         memory_format=torch.channels_last)
     rpi = net.relative_position_index_SA
 
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         qkv, head_dim = attn.project_qkv(tokens)
         q, k, v = qkv.view(-1, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = attn.gathered_bias(rpi, n, n)

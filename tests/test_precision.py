@@ -168,6 +168,25 @@ def test_upscaler_runs_bf16_where_native(monkeypatch, tiny_checkpoint):
     assert (out - reference).abs().max() < 0.05
 
 
+def test_bf16_runs_without_autocasts_cache_of_weight_copies(monkeypatch, tiny_checkpoint):
+    """The engine's autocast keeps no bf16 weight copies (made during the forward, between its large maps, they left
+    the heap fragmented: hat/inference/upscaler.py); the output is the one of a run with the cache, bit for bit."""
+    from hat.archs.detect import build_from_checkpoint
+    net = build_from_checkpoint(tiny_checkpoint)
+    native(monkeypatch, 'avx512_bf16')
+    upscaler = Upscaler(net, precision='bf16', tile=None, progress=False)
+    seen = []
+    hook = net.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_autocast_enabled('cpu'), torch.is_autocast_cache_enabled())))
+    x = torch.rand(1, 3, 2 * upscaler.multiple, 2 * upscaler.multiple)
+    out = upscaler.upscale_tensor(x)
+    hook.remove()
+    assert seen == [(True, False)]
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        cached = net(x).float()
+    assert torch.equal(out, cached)
+
+
 def test_bf16_upscaling_with_auto_tiles_keeps_the_onednn_graph_attention(monkeypatch, tiny_checkpoint):
     """``tile='auto'`` measures a forward's memory under a Python dispatch mode, where TorchScript cannot trace:
     attention takes the chunked path there (a failed trace would turn the fused kernel off for the process), and
