@@ -53,6 +53,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
+from benchmarks import bench_inference  # noqa: E402
 from benchmarks.bench_inference import (VARIANTS, count_flops_by_op, load_average, machine_line,  # noqa: E402
                                         matmul_rates, median_seconds, network_config, peak_rate, publish,
                                         test_image)
@@ -145,7 +146,8 @@ def profile(net: nn.Module, x: torch.Tensor, *, repeats: int = 3, bf16: bool = F
     result = StepProfile()
 
     def forward() -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16,
+                                             cache_enabled=bench_inference.AUTOCAST_CACHE):
             return net(x)
 
     forward()
@@ -182,7 +184,8 @@ def kernel_rates(net: HAT, size: int, *, bf16: bool = False, repeats: int = 10) 
         memory_format=torch.channels_last)
     rpi = net.relative_position_index_SA
 
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16,
+                                         cache_enabled=bench_inference.AUTOCAST_CACHE):
         qkv, head_dim = attn.project_qkv(tokens)
         q, k, v = qkv.view(-1, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = attn.gathered_bias(rpi, n, n)

@@ -34,8 +34,7 @@ ENVIRONMENT_NAMES = {M_MMAP_THRESHOLD: 'MALLOC_MMAP_THRESHOLD_', M_TRIM_THRESHOL
 KEEP_FREED_MEMORY_ENV = {ENVIRONMENT_NAMES[option]: str(value) for option, value in KEEP_FREED_MEMORY}
 SWITCH = 'HAT_KEEP_FREED_MEMORY'  # '0': leave the allocator as it is; '1': set it; unset: the caller's default
 # What says the user has chosen glibc malloc's settings already.
-USER_MALLOC_VARIABLES = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'MALLOC_ARENA_MAX',
-                         'MALLOC_MMAP_MAX_')
+USER_MALLOC_VARIABLES = (*ENVIRONMENT_NAMES.values(), 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_')
 
 
 def glibc() -> ctypes.CDLL | None:
