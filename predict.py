@@ -88,9 +88,10 @@ class Predictor(BaseRunner):
         if not logging.getLogger().handlers:  # Cog's worker forwards stderr as the server's (and prediction's) log
             logging.basicConfig(level=logging.INFO, format='%(levelname)s: %(message)s')
         logger.setLevel(logging.INFO)
-        # Only with HAT_KEEP_FREED_MEMORY=1: a server that keeps its largest request's memory is the operator's call.
-        if keep_freed_memory(default=False):
-            logger.info('glibc malloc keeps freed memory for reuse (HAT_KEEP_FREED_MEMORY=1)')
+        # As the commands do (HAT_KEEP_FREED_MEMORY=0 turns it off): freed maps reused within a request, the memory
+        # given back after each image by the Upscaler (hat/utils/heap.py).
+        if keep_freed_memory():
+            logger.info('glibc malloc keeps freed memory for reuse within each image (HAT_KEEP_FREED_MEMORY=0: off)')
         self.device = torch.device(default_device())
         self._model_key: Optional[tuple] = None
         self._model: Optional[ModelDescriptor] = None

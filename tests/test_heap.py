@@ -1,25 +1,39 @@
-"""hat.utils.heap: glibc's malloc kept from giving large freed blocks back, for the command lines only."""
+"""hat.utils.heap: glibc's malloc kept from giving large freed blocks back within an image, for the commands."""
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
+from conftest import golden_config
 
 from hat import upscale
+from hat.archs.hat_arch import HAT
+from hat.inference import Upscaler
 from hat.utils import heap
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
 
 class FakeLibc:
-    """Records mallopt's calls; refuses the parameters in ``refuse``."""
+    """Records mallopt's and malloc_trim's calls; refuses the parameters in ``refuse``."""
 
     def __init__(self, refuse=()):
-        self.calls, self.refuse = [], set(refuse)
+        self.calls, self.trims, self.refuse = [], [], set(refuse)
 
     def mallopt(self, option, value):
         self.calls.append((option, value))
         return 0 if option in self.refuse else 1
+
+    def malloc_trim(self, pad):
+        self.trims.append(pad)
+        return 1
+
+
+@pytest.fixture(autouse=True)
+def heap_not_set(monkeypatch):
+    """The test session's own heap is never set: what a test sets with a stand-in C library is forgotten after it."""
+    monkeypatch.setattr(heap, '_kept_by', None)
 
 
 def test_sets_the_three_parameters_and_says_whether_all_were_taken():
@@ -43,8 +57,8 @@ def test_the_off_switch_and_the_users_own_malloc_settings_are_kept(environment):
     assert libc.calls == []
 
 
-def test_the_server_sets_it_only_when_asked():
-    """predict.py calls it with default=False: HAT_KEEP_FREED_MEMORY=1 turns it on there."""
+def test_a_caller_whose_default_is_off_sets_it_only_when_asked():
+    """default=False (a program's choice): HAT_KEEP_FREED_MEMORY=1 turns it on there."""
     quiet, asked = FakeLibc(), FakeLibc()
     assert heap.keep_freed_memory({}, quiet, default=False) is False and quiet.calls == []
     assert heap.keep_freed_memory({'HAT_KEEP_FREED_MEMORY': '1'}, asked, default=False) is True
@@ -112,3 +126,65 @@ def test_the_environment_form_holds_the_same_settings():
     assert heap.KEEP_FREED_MEMORY_ENV == {'MALLOC_MMAP_THRESHOLD_': '1073741824',
                                           'MALLOC_TRIM_THRESHOLD_': '2147483647', 'MALLOC_TOP_PAD_': '67108864'}
     assert heap.user_set_malloc(heap.KEEP_FREED_MEMORY_ENV)
+
+
+def test_freed_memory_is_given_back_only_where_this_module_set_the_heap():
+    libc = FakeLibc()
+    assert heap.release_freed_memory() is False  # glibc's defaults (or the user's settings): left alone
+    assert heap.keep_freed_memory({'HAT_KEEP_FREED_MEMORY': '0'}, libc) is False
+    assert heap.release_freed_memory() is False and libc.trims == []
+    refusing = FakeLibc(refuse={heap.M_MMAP_THRESHOLD})
+    assert heap.keep_freed_memory({}, refusing) is False
+    assert heap.release_freed_memory() is False and refusing.trims == []
+    assert heap.keep_freed_memory({}, libc) is True
+    assert heap.release_freed_memory() is True and heap.release_freed_memory() is True
+    assert libc.trims == [0, 0]
+
+
+def test_the_upscaler_gives_the_memory_back_after_each_image_even_when_it_fails():
+    libc = FakeLibc()
+    assert heap.keep_freed_memory({}, libc)
+    net = HAT(**golden_config('hat_tiny_x2')).eval()
+    upscaler = Upscaler(net, precision='fp32', tile=None, progress=False)
+    out = upscaler.upscale_tensor(torch.rand(1, 3, 16, 16))
+    assert out.shape == (1, 3, 32, 32) and libc.trims == [0]
+    upscaler.upscale_tensor(torch.rand(1, 3, 8, 8))
+    assert libc.trims == [0, 0]
+    with pytest.raises(RuntimeError):
+        upscaler.upscale_tensor(torch.rand(1, 5, 16, 16))  # 5 channels into a 3-channel network
+    assert libc.trims == [0, 0, 0]
+
+
+@pytest.mark.skipif(heap.glibc() is None, reason='needs glibc (Linux)')
+def test_a_kept_block_stays_resident_until_given_back():
+    """In a process of its own: a 64 MiB block freed under the settings stays in the process (that is what spares
+    its page faults next time) until release_freed_memory() gives it back."""
+    script = textwrap.dedent('''
+        import ctypes
+        from hat.utils import heap
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        size = 64 << 20
+
+        def resident_mib():
+            with open('/proc/self/statm') as statm:
+                return int(statm.read().split()[1]) * 4096 / 2**20
+
+        applied = heap.keep_freed_memory({})
+        before = resident_mib()
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        kept = resident_mib()
+        released = heap.release_freed_memory()
+        print(applied, released, kept - before, resident_mib() - before)
+    ''')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, check=True)
+    applied, released, kept_mib, after_mib = result.stdout.split()
+    if applied != 'True':
+        pytest.skip('this glibc refused the settings (mallopt(3) documents 32 MiB at most for the mmap threshold)')
+    assert released == 'True'
+    assert float(kept_mib) > 48
+    assert float(after_mib) < 16

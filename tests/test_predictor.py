@@ -59,6 +59,9 @@ def predict_module():
     spec = importlib.util.spec_from_file_location('predict', REPO / 'predict.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # setup() would set this test session's own malloc for the rest of the run (hat.utils.heap); the servers that
+    # the tests start as processes of their own set theirs.
+    module.keep_freed_memory = lambda **options: False
     return module
 
 
@@ -134,13 +137,13 @@ def test_parse_tile(predict_module):
             parse(bad)
 
 
-def test_setup_keeps_freed_memory_only_when_asked(predict_module, monkeypatch):
-    """The server leaves glibc's malloc as it is unless HAT_KEEP_FREED_MEMORY=1 (hat.utils.heap; the commands set it
-    unless =0)."""
+def test_setup_keeps_freed_memory_as_the_commands_do(predict_module, monkeypatch):
+    """The server sets glibc's malloc to keep freed memory (hat.utils.heap; HAT_KEEP_FREED_MEMORY=0 turns it off),
+    with the switch's default on, as hat-upscale: the Upscaler gives the memory back after each image."""
     calls = []
     monkeypatch.setattr(predict_module, 'keep_freed_memory', lambda **options: calls.append(options) or False)
     predict_module.Predictor().setup()
-    assert calls == [{'default': False}]
+    assert calls == [{}]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ is done in one place:
   or 80% of the free GPU memory, or 50% of the available RAM less the output canvas on the CPU; HAT runs its
   upsampling head in bands for pieces taller than ~70 rows, so there the estimate is an upper bound); a tile that
   still runs out of memory is halved and the image retried;
-* the x8 self-ensemble, and a check that the output is finite.
+* the x8 self-ensemble, and a check that the output is finite;
+* the host memory of an image given back once it is done, where the command set the heap to keep it between the
+  network's blocks (:func:`hat.utils.heap.release_freed_memory`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from hat.inference.memory import MemoryModel, available_memory, is_out_of_memory
 from hat.inference.precision import resolve_precision
 from hat.io.images import LUMA_WEIGHTS, ImageError, Picture
 from hat.utils.ensemble import self_ensemble as ensemble_x8
+from hat.utils.heap import release_freed_memory
 from hat.utils.tiling import tiled_forward
 
 logger = logging.getLogger('basicsr')
@@ -254,6 +257,15 @@ class Upscaler:
     def upscale_tensor(self, x: Tensor) -> Tensor:
         """Super-resolve a batch: [B, C, H, W] (C = the model's input channels) -> [B, C', sH, sW] float32 on the
         host (not clipped). With ``tile='auto'``, a tile that runs out of memory is halved and the batch retried."""
+        try:
+            return self._run_in_memory(x)
+        finally:
+            # Where the command set the heap to keep freed memory (for the next block's maps), give it back once the
+            # image is done: a server or a folder of images then holds no more between images than by default.
+            release_freed_memory()
+
+    def _run_in_memory(self, x: Tensor) -> Tensor:
+        """:meth:`upscale_tensor`, halving an automatic tile that runs out of memory."""
         height, width = x.shape[-2:]
         tile = self.tile_for(height, width, x.shape[1])
         while True:
