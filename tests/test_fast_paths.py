@@ -581,6 +581,31 @@ def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
     assert torch.equal(x, x_before)
 
 
+def test_attention_in_chunks_under_bf16_autocast_casts_each_mask_once(monkeypatch):
+    """Under bf16 autocast the fp32 bias (plus a shift mask) reaches the kernel in bf16, cast once per group of
+    windows in HAB and once per block in OCAB rather than in every chunk: one tensor per group for all its chunks."""
+    monkeypatch.setattr(linear_module, 'ROW_CHUNK', 16)  # one 4x4 window per chunk
+    masks = []
+    kernel = hat_arch.attention
+    monkeypatch.setattr(hat_arch, 'attention', lambda q, k, v, bias, **options: masks.append(bias) or kernel(
+        q, k, v, bias, **options))
+    torch.manual_seed(0)
+    hab = HAB(dim=12, num_heads=2, window_size=4, shift_size=2, compress_ratio=3, squeeze_factor=3, conv_scale=0.01,
+              mlp_ratio=2.0, qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0).eval()
+    ocab = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
+                mlp_ratio=2.0).eval()
+    x, size = torch.randn(1, 12 * 8, 12), (12, 8)  # 3 x 2 windows
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        hab(x, size, relative_position_index_sa(4), shift_mask_patterns(4, 2))
+        assert len(masks) == 6 and all(mask.dtype == torch.bfloat16 for mask in masks)
+        # Shifted windows of a 3 x 2 grid: 2 unmasked, 2 with the last column's mask, 1 with the last row's, 1 both.
+        assert len({mask.data_ptr() for mask in masks}) == 4
+        masks.clear()
+        ocab(x, size, relative_position_index_oca(4, 0.5))
+        assert len(masks) == 6 and all(mask.dtype == torch.bfloat16 for mask in masks)
+        assert len({mask.data_ptr() for mask in masks}) == 1
+
+
 def test_mlp_keeps_dropout_after_the_fused_gelu():
     mlp = Mlp(in_features=8, hidden_features=16, drop=0.5).train()
     x = torch.randn(4, 8)

@@ -363,6 +363,7 @@ class WindowAttention(HeadAttention):
             group_mask = bias if mask is None else bias + mask  # one sum per group instead of one per chunk
             for start in range(first, first + count, per_chunk):
                 qkv, d = self.project_qkv(order.take(tokens, start * n, min(start + per_chunk, first + count) * n))
+                group_mask = group_mask.to(qkv.dtype)  # bf16 under autocast: cast once per group, not per chunk
                 q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
                 attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
                 attended = self.proj_drop(self.project_out(attended.transpose(1, 2).reshape(-1, heads * d)))
@@ -477,6 +478,7 @@ class OCAB(HeadAttention):
             stop = min(start + per_chunk, n_windows)
             q = self.qkv.forward_with(order.take(tokens, start * n_q, stop * n_q), q_weight, q_bias)
             q = q.view(-1, n_q, heads, d).transpose(1, 2)  # [w, heads, ws*ws, d]
+            attn_bias = attn_bias.to(q.dtype)  # bf16 under autocast: cast once, not per chunk
             kv = kv_rows.index_select(0, kv_index[start * n_k:stop * n_k])
             k, v = kv.view(-1, n_k, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [w, heads, ows*ows, d]
             out = attention(q, k, v, attn_bias, scale=self.scale, fused=self.fused_attn)
