@@ -1,4 +1,4 @@
-"""Whether a setting makes HAT faster: two settings of module constants, alternated run by run in one process.
+"""Whether a setting makes HAT faster: two settings of module constants, alternated run by run.
 
     python benchmarks/alternate.py --set hat.archs.attention.LOGITS_CHUNK_ELEMENTS=1048576
     python benchmarks/alternate.py --task train --variant HAT-S --batch 4 --patch 48 --precision bf16 \\
@@ -21,6 +21,8 @@ number, a boolean or a string, read at call time (``LOGITS_CHUNK_ELEMENTS``, ``R
 (``THP_MEM_ALLOC_ENABLE``, ``OMP_WAIT_POLICY``, ``MALLOC_*``): A and B then each run in a worker process of their own
 (:mod:`benchmarks.workers`), B's with the variables and the ``--set`` constants, and are stepped in turn as above.
 Two identical workers gave round ratios of 0.89-1.03 (median 1.00; HAT-S bf16 training on a Zen 4).
+``--processes`` does the same for ``--set`` alone: then neither setting shares a model, a heap or caches with the
+other (each worker checks that it sees the constants of its setting).
 """
 from __future__ import annotations
 
@@ -190,9 +192,11 @@ def run_worker(spec: dict) -> tuple:
     return timed, seen
 
 
-def alternate_processes(argv: Sequence[str], env: dict[str, str], rounds: int) -> tuple[list[float], list[float], list]:
+def alternate_processes(argv: Sequence[str], env: dict[str, str], rounds: int,
+                        settings: Sequence[Setting] = ()) -> tuple[list[float], list[float], list]:
     """As :func:`alternate`, with A and B each in a worker process (B's environment with ``env``). ``argv``: the
-    driver's arguments, for the workers to rebuild the task from."""
+    driver's arguments, for the workers to rebuild the task from; ``settings``: its ``--set`` constants, which each
+    worker must see as its setting says (B: set; A: as the driver has them)."""
     base_env = dict(os.environ)
     specs = {label: {'argv': list(argv), 'setting': label} for label in ('A', 'B')}
     environments = {'A': base_env, 'B': {**base_env, **env}}
@@ -205,6 +209,10 @@ def alternate_processes(argv: Sequence[str], env: dict[str, str], rounds: int) -
             expected = {name: (value if label == 'B' else os.environ.get(name)) for name, value in env.items()}
             if ready['environment'] != expected:  # the worker says what it sees: the variables arrived, or stop
                 raise RuntimeError(f'setting {label}: its process sees {ready["environment"]}, not {expected}')
+            constants = {f'{s.module.__name__}.{s.name}': (s.value if label == 'B' else getattr(s.module, s.name))
+                         for s in settings}
+            if ready['constants'] != constants:
+                raise RuntimeError(f'setting {label}: its process sees {ready["constants"]}, not {constants}')
         for r in range(rounds):
             for label in ('A', 'B') if r % 2 == 0 else ('B', 'A'):
                 output_file = os.path.join(folder, f'{label}.pt') if r == rounds - 1 else None
@@ -224,7 +232,7 @@ def report(args: argparse.Namespace, a: Sequence[float], b: Sequence[float], out
             else f'{args.variant} training iteration, batch {args.batch}, LR patch {args.patch}x{args.patch}')
     changed = ', '.join([f'{s.module.__name__}.{s.name} = {s.value!r}' for s in args.settings]
                         + [f'environment {name}={value}' for name, value in args.env])
-    if args.env:
+    if args.env or args.processes:
         changed += ' (A and B each in a process of its own)'
     lines = [f'{what}, {args.precision}. {bench_inference.machine_line(device)}.', '',
              f'A: the constants as they are; B: {changed}. {len(a)} rounds after {args.warmup} warm-up run(s) of '
@@ -247,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='setting B (repeatable)')
     parser.add_argument('--env', action='append', default=[], metavar='NAME=VALUE',
                         help='an environment variable of B (repeatable; A and B then run in processes of their own)')
+    parser.add_argument('--processes', action='store_true',
+                        help='A and B each in a process of its own (always so with --env)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--task', choices=TASKS, default='inference')
     parser.add_argument('--variant', choices=bench_inference.VARIANTS, default='HAT')
@@ -283,8 +293,8 @@ def main(argv: list[str] | None = None) -> str:
         return ''
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.env:
-        a, b, outputs = alternate_processes(argv, dict(args.env), args.rounds)
+    if args.env or args.processes:
+        a, b, outputs = alternate_processes(argv, dict(args.env), args.rounds, args.settings)
         return bench_inference.publish(report(args, a, b, outputs, device), args.out)
     run = make_run(args, device)
     if args.warmup:
