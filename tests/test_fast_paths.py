@@ -162,6 +162,7 @@ def test_bf16_cpu_inference_takes_onednn_graph_where_bf16_products_are_native(mo
     (windows folded into the batch, the mask in bf16); with autograd, in fp32, or when the fused kernel gives up
     (None), the chunked path."""
     monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: True)
+    monkeypatch.setattr(onednn_graph, 'onednn_fp32_products', lambda: False)  # fp32: PyTorch's flash kernel
     if not onednn_graph.available():
         pytest.skip('this PyTorch has no oneDNN or no TorchScript oneDNN fusion')
     fused_calls, chunked_calls, give_up = [], [], []
@@ -185,6 +186,35 @@ def test_bf16_cpu_inference_takes_onednn_graph_where_bf16_products_are_native(mo
         give_up.append(True)
         out = attention(q, q, q, bias, scale=0.3, fused=True)
     assert len(fused_calls) == 2 and chunked_calls == [(6, 4, 16, 8)] * 2 and torch.equal(out, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize('onednn_products', [True, False])
+def test_fp32_cpu_inference_takes_onednn_graph_where_fp32_products_run_on_onednn(monkeypatch, onednn_products):
+    """Where the CPU's fp32 products run on oneDNN (AMD's AVX-512 CPUs, mocked), fp32 attention without autograd is
+    oneDNN Graph's fused kernel, computing the reference to fp32 accuracy; elsewhere, with autograd, with
+    ``FP32 = False`` or without oneDNN's fp32 products, PyTorch's kernels (flash, or chunked with autograd)."""
+    monkeypatch.setattr(onednn_graph, 'onednn_fp32_products', lambda: onednn_products)
+    monkeypatch.setattr(onednn_graph, 'native_bf16_products', lambda: False)
+    real_kernel, calls = onednn_graph.fused_attention, []
+    monkeypatch.setattr(onednn_graph, 'fused_attention',
+                        lambda q, k, v, mask, **options: calls.append((q.shape, mask.dtype)) or real_kernel(
+                            q, k, v, mask, **options))
+    torch.manual_seed(0)
+    qkv = torch.randn(5, 16, 3, 2, 8)  # [windows, tokens, q/k/v, heads, d], as HAT's qkv projection lays them out
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views [5, 2, 16, 8]
+    bias, mask = torch.randn(2, 16, 16), torch.randn(16, 16)
+    want = reference_attention(q, k, v, bias, scale=0.35, mask=mask)
+    with torch.no_grad():
+        got = attention(q, k, v, bias, scale=0.35, fused=True, mask=mask)
+    if onednn_products and not onednn_graph.available(torch.float32):
+        pytest.skip(f'this PyTorch has no oneDNN or no TorchScript oneDNN fusion ({onednn_graph._failed})')
+    assert calls == ([((5, 2, 16, 8), torch.float32)] if onednn_products else [])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(onednn_graph, 'FP32', False)
+    with torch.no_grad():
+        attention(q, k, v, bias, scale=0.35, fused=True, mask=mask)
+    attention(q, k, v, bias.requires_grad_(), scale=0.35, fused=True, mask=mask)
+    assert len(calls) == (1 if onednn_products else 0)
 
 
 def test_bf16_training_attention_runs_the_fused_forward_and_recomputes_the_weights(monkeypatch):
@@ -447,6 +477,9 @@ def test_padded_heads_with_autograd_give_the_same_output_and_gradients(monkeypat
     traces as the default backend does (dynamo and AOT autograd) without generating code: no compiler needed.
     Two blocks: the second shifts its windows (four mask groups on the 3 x 3 windows of the input)."""
     torch._dynamo.reset()
+    # Compiled inference runs PyTorch's attention kernels: so does the eager reference here, on any CPU (where fp32
+    # products run on oneDNN, eager inference would take oneDNN Graph's kernel, about 1e-6 away).
+    monkeypatch.setattr(onednn_graph, 'FP32', False)
     torch.manual_seed(0)
     net = HAT(**tiny_hat_config(depths=(2, ), drop_path_rate=0.0))  # no random branch drops
     assert net.layers[0].residual_group.blocks[1].shift_size > 0
@@ -487,10 +520,11 @@ def test_padded_heads_with_autograd_pad_the_qkv_projection_once(monkeypatch):
     assert torch.count_nonzero(attn.proj.weight.grad) == 24 * 24
 
 
-def test_compiled_blocks_follow_changing_input_sizes():
+def test_compiled_blocks_follow_changing_input_sizes(monkeypatch):
     """Compiled blocks see other sizes (validation images, tiles): PyTorch compiles again, with dynamic shapes from the
     second size on, and each block must still trace into one graph (window indices, mask groups) and compute the
     eager network's output."""
+    monkeypatch.setattr(onednn_graph, 'FP32', False)  # the eager network on PyTorch's kernels, as compiled
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = HAT(**tiny_hat_config(depths=(2, ), drop_path_rate=0.0)).eval()

@@ -5,10 +5,11 @@ Two interchangeable paths compute ``softmax(q k^T * scale + mask) v``:
 * fused (default): the relative-position bias and, for shifted windows, the shift mask are folded into one additive
   mask shared by all windows, and the kernel is chosen for the device and precision:
   ``scaled_dot_product_attention`` (on the CPU: its flash kernel, which never materialises the attention map) for
-  fp32 inference and on CUDA; for bf16 inference on a CPU with native bf16, one fused oneDNN Graph kernel
-  (:mod:`hat.archs.onednn_graph`); :func:`chunked_attention` (explicit products over a few windows at a time) for
-  the rest of bf16/fp16 and for training on the CPU, where it is the faster of the two (in bf16 training with
-  native bf16, its forward is the fused kernel and its backward recomputes the weights).
+  fp32 inference and on CUDA; one fused oneDNN Graph kernel (:mod:`hat.archs.onednn_graph`) for bf16 inference on
+  a CPU with native bf16 and for fp32 inference where the CPU's fp32 products run on oneDNN (AMD's AVX-512 CPUs);
+  :func:`chunked_attention` (explicit products over a few windows at a time) for the rest of bf16/fp16 and for
+  training on the CPU, where it is the faster of the two (in bf16 training with native bf16, its forward is the
+  fused kernel and its backward recomputes the weights).
 * reference: the explicit computation in the official order (scale q, matmul, add bias, add mask, softmax, matmul),
   kept selectable so that tests can prove the fused path computes the same function.
 """
@@ -58,18 +59,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, fu
         # Shared by all windows. As [heads, Nq, Nk] the CPU dispatcher would take the unfused math kernel (4x slower
         # on HAT's windows); as [1, heads, Nq, Nk] it broadcasts inside the flash kernel.
         attn_mask = attn_mask.unsqueeze(0)
-    # On the CPU the flash kernel is the fastest only in fp32 inference: it is not faster in bf16, and when the bias
-    # needs a gradient (training) PyTorch falls back to an unfused kernel slower than the chunked one.
-    mask_needs_grad = torch.is_grad_enabled() and attn_mask.requires_grad
-    if q.device.type == 'cpu' and dropout_p == 0 and (q.dtype in (torch.bfloat16, torch.float16) or mask_needs_grad):
-        out = None
-        if _takes_onednn_graph(q, k, v, attn_mask):
-            out = onednn_graph.fused_attention(q, k, v, attn_mask.to(q.dtype), scale=scale)
-        if out is None:
+    out = None
+    if dropout_p == 0 and _takes_onednn_graph(q, k, v, attn_mask):
+        out = onednn_graph.fused_attention(q, k, v, attn_mask.to(q.dtype), scale=scale)
+    if out is None:
+        # On the CPU the flash kernel is the fastest of the rest only in fp32 inference: it is not faster in bf16,
+        # and when the bias needs a gradient (training) PyTorch falls back to an unfused kernel slower than the
+        # chunked one.
+        mask_needs_grad = torch.is_grad_enabled() and attn_mask.requires_grad
+        if q.device.type == 'cpu' and dropout_p == 0 and (q.dtype in (torch.bfloat16, torch.float16)
+                                                          or mask_needs_grad):
             out = chunked_attention(q, k, v, attn_mask, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout_p,
-                                             scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout_p,
+                                                 scale=scale)
     return out.view(*lead, *out.shape[-3:])
 
 
@@ -79,19 +82,20 @@ _DISPATCH_MODES = getattr(torch._C, '_len_torch_dispatch_stack', lambda: 0)
 
 
 def _takes_onednn_graph(q: Tensor, *others: Tensor) -> bool:
-    """Whether attention of query ``q`` (and k, v, mask: ``others``) runs as one oneDNN Graph kernel: q a bf16 CPU
-    tensor (the mask is converted to its dtype), without autograd (inference, or the forward of an autograd
-    function), not while ``torch.compile`` or an exporter traces, where :func:`hat.archs.onednn_graph.available` says
-    so. Not under a Python dispatch mode (the memory measurement of ``tile='auto'``, fake tensors) nor on tensor
-    subclasses either: TorchScript cannot trace through them."""
-    if q.device.type != 'cpu' or q.dtype != torch.bfloat16:
+    """Whether attention of query ``q`` (and k, v, mask: ``others``) runs as one oneDNN Graph kernel: q a CPU tensor
+    of a dtype that :func:`hat.archs.onednn_graph.available` says the kernel serves on this CPU (the mask is
+    converted to it), without autograd (inference, or the forward of an autograd function), not while
+    ``torch.compile`` or an exporter traces. Not under a Python dispatch mode (the memory measurement of
+    ``tile='auto'``, fake tensors) nor on tensor subclasses either: TorchScript cannot trace through them."""
+    # Tracing first: what follows would not trace (the dispatch-mode count is no tensor operation).
+    if q.device.type != 'cpu' or compiling() or torch.jit.is_tracing():
         return False
     tensors = (q, *others)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if _DISPATCH_MODES() > 0 or any(type(t) is not Tensor for t in tensors):
         return False
-    return not compiling() and not torch.jit.is_tracing() and onednn_graph.available()
+    return onednn_graph.available(q.dtype)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale: float) -> Tensor:
@@ -160,7 +164,7 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ctx.scale = scale
         ctx.mask_shape = attn_mask.shape
-        if RECOMPUTE_BF16 and _takes_onednn_graph(q, k, v, attn_mask):
+        if RECOMPUTE_BF16 and q.dtype == torch.bfloat16 and _takes_onednn_graph(q, k, v, attn_mask):
             out = onednn_graph.fused_attention(q, k, v, attn_mask, scale=scale)
             if out is not None:
                 ctx.save_for_backward(q, k, v, attn_mask)

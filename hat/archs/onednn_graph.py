@@ -1,4 +1,5 @@
-"""bf16 attention on the CPU as one fused oneDNN Graph partition: inference, and the forward of training.
+"""Attention on the CPU as one fused oneDNN Graph partition: bf16 inference and the forward of bf16 training where
+bf16 is native, and fp32 inference on AMD's AVX-512 CPUs.
 
 oneDNN's graph API recognises ``softmax(q k^T * scale + mask) v`` and runs it as one kernel that keeps each block
 of logits in cache between its two products and runs them on the CPU's bf16 instructions (AVX512-BF16, AMX).
@@ -6,10 +7,16 @@ PyTorch reaches it through TorchScript: a traced and frozen module of exactly th
 on, is rewritten into one fusion group. On a Zen 4 (2 threads), HAT x4's forward at 128x128 under bf16 autocast took
 4.00 s with it against 4.37 s with :func:`~hat.archs.attention.chunked_attention` (eight alternated rounds), one
 chunk of 4 windows alone 1.3-1.6x less; with HAT-demo's small heads (12 channels, windows of 8) it was neither
-faster nor slower. In fp32 the forward was no faster than with PyTorch's flash kernel, so only bf16 takes this
-path, and only where the CPU computes bf16 natively (where torch emulates it, oneDNN would too). bf16 training runs
-its attention's forward here too, its backward recomputing the weights
+faster nor slower. bf16 takes this path only where the CPU computes bf16 natively (where torch emulates it, oneDNN
+would too). bf16 training runs its attention's forward here too, its backward recomputing the weights
 (:class:`~hat.archs.attention._ChunkedAttention`).
+
+fp32 inference takes it where the CPU's fp32 products run on oneDNN (:func:`hat.archs.linear.cpu_product_library`:
+AMD's AVX-512 CPUs): PyTorch's flash kernel multiplies its blocks with MKL, which takes a slower code path on AMD
+processors. Zen 4 (2 threads), 4 windows x 6 heads of 32 channels: 126-131 against 93-99 GFLOP/s for the flash
+kernel; HAT x4's fp32 forward at 128x128 5.89 against 6.24 s (medians of 12 alternated rounds, each setting in a
+process of its own; outputs within 4.8e-7). oneDNN's fp32 softmax rounds differently: about 1e-6 from the flash
+kernel per attention with random inputs.
 
 TorchScript is deprecated: the path is feature-detected, its FutureWarnings are silenced, and any failure (tracing,
 an API gone from a later PyTorch) turns it off for the process with one warning; callers then run the chunked
@@ -28,8 +35,11 @@ from torch import Tensor
 
 MAX_SPECIALISATIONS = 32
 # False: bf16 attention runs chunked everywhere (to compare the two: ``benchmarks/alternate.py --precision bf16
-# --set hat.archs.onednn_graph.ENABLED=False``).
+# --set hat.archs.onednn_graph.ENABLED=False``) and fp32 attention on PyTorch's flash kernel.
 ENABLED = True
+# False: fp32 inference keeps PyTorch's flash kernel (``benchmarks/alternate.py --processes --set
+# hat.archs.onednn_graph.FP32=False``).
+FP32 = True
 
 _specialisations: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
 _failed: list[str] = []  # the reason, once the path has been turned off
@@ -56,11 +66,23 @@ def native_bf16_products() -> bool:
     return native_cpu_bf16() in X86_BF16_FLAGS
 
 
-def available() -> bool:
-    """Whether :func:`fused_attention` can serve: :data:`ENABLED`, a PyTorch with oneDNN and TorchScript's oneDNN
-    fusion, a CPU with native bf16 products, and no failure so far."""
-    return (ENABLED and not _failed and torch.backends.mkldnn.is_available()
-            and hasattr(torch.jit, 'enable_onednn_fusion') and native_bf16_products())
+def onednn_fp32_products() -> bool:
+    """Whether this CPU's fp32 products run on oneDNN rather than MKL (:func:`hat.archs.linear.cpu_product_library`:
+    AMD's AVX-512 CPUs)."""
+    from hat.archs.linear import cpu_product_library
+    return cpu_product_library() == 'onednn'
+
+
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether :func:`fused_attention` can serve inputs of ``dtype``: :data:`ENABLED`, a PyTorch with oneDNN and
+    TorchScript's oneDNN fusion, no failure so far, and for bf16 a CPU with native bf16 products, for fp32
+    (:data:`FP32`) a CPU whose fp32 products run on oneDNN."""
+    if not (ENABLED and not _failed and torch.backends.mkldnn.is_available()
+            and hasattr(torch.jit, 'enable_onednn_fusion')):
+        return False
+    if dtype == torch.bfloat16:
+        return native_bf16_products()
+    return dtype == torch.float32 and FP32 and onednn_fp32_products()
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale: float) -> Tensor | None:
@@ -82,7 +104,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, scale
                     _specialisations.popitem(last=False)
             else:
                 _specialisations.move_to_end(key)
-        with torch.autocast('cpu', enabled=False):  # the inputs are bf16 already; autocast would only add casts
+        with torch.autocast('cpu', enabled=False):  # the inputs have their dtype already: autocast would add casts
             return module(q, k, v, attn_mask)
     except Exception as error:  # noqa: BLE001 - any failure of the deprecated machinery: fall back, never break
         _failed.append(f'{type(error).__name__}: {error}')
