@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -321,6 +324,16 @@ def product_library(request, monkeypatch):
     monkeypatch.setattr(linear_module, 'fresh_product_library', lambda: request.param)
     monkeypatch.setattr(linear_module, 'ROW_CHUNK', 5)
     return request.param
+
+
+def test_row_chunks_are_larger_where_onednn_multiplies():
+    """2048 rows per chunk where the fp32 products run on oneDNN (AMD's AVX-512 CPUs), 1024 elsewhere: a process
+    whose PyTorch runs AVX2 kernels takes MKL and 1024 on any CPU."""
+    assert linear_module.ROW_CHUNK == (2048 if linear_module.cpu_product_library() == 'onednn' else 1024)
+    script = 'from hat.archs import linear; print(linear.cpu_product_library(), linear.ROW_CHUNK)'
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, check=True,
+                            env={**os.environ, 'ATEN_CPU_CAPABILITY': 'avx2'})
+    assert result.stdout.split() == ['mkl', '1024']
 
 
 @pytest.mark.parametrize('capability, vendor, library', [
