@@ -15,6 +15,18 @@ from hat.utils import heap
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
 
+# The start of the scripts that run in a process of their own: glibc's malloc and free, and a 64 MiB block.
+MALLOC_SCRIPT = textwrap.dedent('''
+    import ctypes
+    from hat.utils import heap
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20
+''')
+
+
 class FakeLibc:
     """Records mallopt's and malloc_trim's calls; refuses the parameters in ``refuse``."""
 
@@ -82,14 +94,8 @@ def test_a_large_block_freed_and_taken_again_is_not_faulted_in_again():
     """In a process of its own (the test session's allocator stays as it is): a 64 MiB block written, freed and
     taken again costs a page fault per 4 KiB page by default (per 2 MiB page under always-on huge pages, 32), and
     none once the settings are in force."""
-    script = textwrap.dedent('''
-        import ctypes, resource, sys
-        from hat.utils import heap
-        libc = ctypes.CDLL(None)
-        libc.malloc.restype = ctypes.c_void_p
-        libc.malloc.argtypes = [ctypes.c_size_t]
-        libc.free.argtypes = [ctypes.c_void_p]
-        size = 64 << 20
+    script = MALLOC_SCRIPT + textwrap.dedent('''
+        import resource
 
         def faults_of_one_round():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -159,15 +165,7 @@ def test_the_upscaler_gives_the_memory_back_after_each_image_even_when_it_fails(
 def test_a_kept_block_stays_resident_until_given_back():
     """In a process of its own: a 64 MiB block freed under the settings stays in the process (that is what spares
     its page faults next time) until release_freed_memory() gives it back."""
-    script = textwrap.dedent('''
-        import ctypes
-        from hat.utils import heap
-        libc = ctypes.CDLL(None)
-        libc.malloc.restype = ctypes.c_void_p
-        libc.malloc.argtypes = [ctypes.c_size_t]
-        libc.free.argtypes = [ctypes.c_void_p]
-        size = 64 << 20
-
+    script = MALLOC_SCRIPT + textwrap.dedent('''
         def resident_mib():
             with open('/proc/self/statm') as statm:
                 return int(statm.read().split()[1]) * 4096 / 2**20
