@@ -28,8 +28,9 @@ it is held by the kernel itself.
 
 FLOPs are the official computation's, per kind (``bench_inference.count_flops_by_op``: ``bmm`` is attention,
 ``addmm`` the linear layers), so that the GFLOP/s match ``bench_inference.py``'s column. Where our fp32 CPU path pads
-the heads (30 -> 32 channels, HAT's released variants), it computes about 7% more in attention, qkv and proj than
-counted. The matrix-product rate is measured right after the forwards, as in ``bench_inference.py``.
+the heads (30 -> 32 channels, HAT's released variants; for PyTorch's flash kernel, not where oneDNN Graph's kernel
+serves), it computes about 7% more in attention, qkv and proj than counted. The matrix-product rate is measured
+right after the forwards, as in ``bench_inference.py``.
 """
 from __future__ import annotations
 
@@ -306,8 +307,9 @@ def main(argv: list[str] | None = None) -> str:
         '',
         *kernel_table(kernels, rate),
         '',
-        'GFLOP: the official computation\'s count (head size as released); the fp32 CPU path pads heads of 30 to 32. '
-        'fc2 runs alone into a new tensor; in the forward it adds into the residual stream.',
+        'GFLOP: the official computation\'s count (head size as released); the fp32 CPU path pads heads of 30 to 32 '
+        'for PyTorch\'s flash kernel (not where oneDNN Graph\'s kernel serves fp32). fc2 runs alone into a new tensor; '
+        'in the forward it adds into the residual stream.',
     ]
     return publish(lines, args.out)
 

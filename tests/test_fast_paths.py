@@ -442,8 +442,9 @@ def test_mlp_in_chunks_equals_the_layer_by_layer_computation(product_library):
     assert torch.equal(inputs, x)  # autograd: never in place
 
 
-def test_head_aligned_projections_compute_the_same_attention():
+def test_head_aligned_projections_compute_the_same_attention(monkeypatch):
     """Head size 12 runs as 16 on the CPU fused path: zero-padded q, k, v and proj columns, same output."""
+    monkeypatch.setattr(onednn_graph, 'onednn_fp32_products', lambda: False)  # fp32 inference: the flash kernel
     torch.manual_seed(0)
     attn = WindowAttention(dim=24, window_size=4, num_heads=2).eval()
     windows, rpi = torch.randn(3 * 16, 24), relative_position_index_sa(4)
@@ -463,9 +464,10 @@ def test_head_aligned_projections_compute_the_same_attention():
     assert attn.project_qkv(windows.requires_grad_())[1] == 12  # autograd: the layers as they are
 
 
-def test_heads_are_padded_for_the_cpu_flash_kernel_and_for_cuda():
+def test_heads_are_padded_for_the_cpu_flash_kernel_and_for_cuda(monkeypatch):
     """CUDA's masked fused kernels need heads of a multiple of 8 (bf16) or 4 (fp32): padded there in training too;
-    on the CPU only for the flash kernel (fp32 inference)."""
+    on the CPU only for the flash kernel (fp32 inference), not where oneDNN Graph's kernel serves fp32 inference."""
+    monkeypatch.setattr(onednn_graph, 'onednn_fp32_products', lambda: False)  # fp32 inference: the flash kernel
     attn = WindowAttention(dim=24, window_size=4, num_heads=2)  # heads of 12
     on_cuda = SimpleNamespace(device=torch.device('cuda'))  # only the device is read for CUDA
     assert attn.pads_heads(on_cuda)
@@ -476,6 +478,10 @@ def test_heads_are_padded_for_the_cpu_flash_kernel_and_for_cuda():
     with torch.no_grad():
         assert attn.pads_heads(x)
         assert not attn.pads_heads(x.bfloat16())
+    monkeypatch.setattr(onednn_graph, 'onednn_fp32_products', lambda: True)  # AMD's AVX-512 CPUs
+    with torch.no_grad():
+        assert attn.pads_heads(x) is not onednn_graph.available(torch.float32)  # False where this PyTorch has it
+        assert attn.pads_heads(on_cuda)
     attn.fused_attn = False  # the reference path: the layers as they are
     assert not attn.pads_heads(on_cuda)
     assert not WindowAttention(dim=32, window_size=4, num_heads=2).pads_heads(on_cuda)  # 16: aligned already

@@ -27,6 +27,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from hat.archs import onednn_graph
 from hat.archs.attention import attention
 from hat.archs import linear as token_linear
 from hat.archs.linear import Linear, Mlp, chunked_linear
@@ -164,7 +165,10 @@ class HeadAttention(nn.Module):
         """Whether q, k and v of input ``x`` [..., C] are laid out in heads padded to a multiple of
         :data:`HEAD_ALIGNMENT` (HAT's 30 -> 32), for the fused attention kernels that want such heads:
 
-        * PyTorch's CPU flash kernel (fp32 inference): about 20% faster (Zen 3, 2 threads).
+        * PyTorch's CPU flash kernel (fp32 inference): about 20% faster (Zen 3, 2 threads). Not where oneDNN Graph's
+          fused kernel serves fp32 inference instead (:func:`hat.archs.onednn_graph.available`; AMD's AVX-512 CPUs):
+          there HAT x4's forward at 128x128 was 3.2% faster with heads of 30 (Zen 4, 2 threads, 11 of 12 alternated
+          rounds), the extra channels being work that this kernel does not recover.
         * CUDA: the kernels that take an additive mask (memory-efficient attention, cuDNN) need a head size that is a
           multiple of 8 in bf16/fp16 and of 4 in fp32; with 30, ``scaled_dot_product_attention`` falls back to its
           unfused kernel, which materialises the [windows, heads, Nq, Nk] map of every window at once (HAT-L's OCAB
@@ -175,7 +179,8 @@ class HeadAttention(nn.Module):
             return False
         if x.device.type == 'cuda':
             return True
-        return self.qkv.uses_cpu_kernels(x) and not self.qkv._needs_grad(x)
+        return (self.qkv.uses_cpu_kernels(x) and not self.qkv._needs_grad(x)
+                and not onednn_graph.available(torch.float32))
 
     def qkv_layout(self, x: Tensor) -> tuple[Tensor, Tensor | None, int]:
         """The qkv projection to apply to ``x`` and the head size it lays q, k and v out in.
