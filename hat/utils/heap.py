@@ -70,7 +70,8 @@ def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes
     Args:
         environment: where to look for :data:`SWITCH` and the user's own malloc settings (default ``os.environ``).
         libc: the C library to set (default :func:`glibc`; tests pass a stand-in).
-        default: whether to set it where :data:`SWITCH` is not set (the commands: True; the server: False).
+        default: whether to set it where :data:`SWITCH` is not set (the commands and the server: True; a program
+            that wants it only when its user asks passes False, so that ``HAT_KEEP_FREED_MEMORY=1`` sets it).
 
     Returns:
         Whether every setting was taken: False on another C library, where :data:`SWITCH` (or, unset, ``default``)
