@@ -659,6 +659,53 @@ def test_attention_in_chunks_under_bf16_autocast_casts_each_mask_once(monkeypatc
         assert len({mask.data_ptr() for mask in masks}) == 1
 
 
+@pytest.mark.parametrize('fused_dtype', [None, torch.float32, torch.bfloat16])
+def test_attention_chunks_are_larger_where_onednn_graph_serves(monkeypatch, fused_dtype):
+    """CPU inference attends ROW_CHUNK query tokens per call, FUSED_CHUNK_ROWS where oneDNN Graph's kernel serves
+    the dtype the projections run in (fp32 tokens under bf16 autocast: bf16). The blocks compute the same either way."""
+    monkeypatch.setattr(linear_module, 'ROW_CHUNK', 16)  # one 4x4 window per chunk
+    monkeypatch.setattr(hat_arch, 'FUSED_CHUNK_ROWS', 48)  # three
+    monkeypatch.setattr(onednn_graph, 'available', lambda dtype=torch.bfloat16: dtype == fused_dtype)
+    windows_per_call = []
+    kernel = hat_arch.attention
+    monkeypatch.setattr(hat_arch, 'attention', lambda q, k, v, bias, **options: windows_per_call.append(
+        q.shape[0]) or kernel(q, k, v, bias, **options))
+    torch.manual_seed(0)
+    hab = HAB(dim=12, num_heads=2, window_size=4, shift_size=0, compress_ratio=3, squeeze_factor=3, conv_scale=0.01,
+              mlp_ratio=2.0, qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0).eval()
+    ocab = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
+                mlp_ratio=2.0).eval()
+    x, size = torch.randn(1, 16 * 8, 12), (16, 8)  # 4 x 2 windows
+    hab_args, ocab_args = (x, size, relative_position_index_sa(4), None), (x, size, relative_position_index_oca(4, 0.5))
+    hab_whole, ocab_whole = hab(*hab_args).detach(), ocab(*ocab_args).detach()  # autograd: the whole maps
+    windows_per_call.clear()
+    for autocast in (False, True):
+        fused = fused_dtype == (torch.bfloat16 if autocast else torch.float32)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            hab_out, ocab_out = hab(*hab_args).float(), ocab(*ocab_args).float()
+        assert windows_per_call == ([3, 3, 2] * 2 if fused else [1] * 16)
+        windows_per_call.clear()
+        tolerance = 0.05 if autocast else 1e-5
+        torch.testing.assert_close(hab_out, hab_whole, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(ocab_out, ocab_whole, atol=tolerance, rtol=tolerance)
+
+
+def test_chunked_linear_is_one_product_where_onednn_multiplies(product_library, monkeypatch):
+    """Without an output, oneDNN multiplies any number of rows in one call (no copy into an output); MKL multiplies
+    them ROW_CHUNK (here 5) rows at a time."""
+    calls = []
+    products = {'onednn': '_onednn_linear', 'mkl': 'linear_into'}
+    counted = getattr(linear_module, products[product_library])
+    monkeypatch.setattr(linear_module, products[product_library], lambda *args, **kwargs: calls.append(1) or counted(
+        *args, **kwargs))
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(20, 12), torch.randn(20), torch.randn(3, 7, 12)  # 21 rows
+    with torch.no_grad():
+        out = linear_module.chunked_linear(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-6, rtol=1e-6)
+    assert len(calls) == (1 if product_library == 'onednn' else 5)
+
+
 def test_mlp_keeps_dropout_after_the_fused_gelu():
     mlp = Mlp(in_features=8, hidden_features=16, drop=0.5).train()
     x = torch.randn(4, 8)
