@@ -22,7 +22,10 @@ number, a boolean or a string, read at call time (``LOGITS_CHUNK_ELEMENTS``, ``R
 (:mod:`benchmarks.workers`), B's with the variables and the ``--set`` constants, and are stepped in turn as above.
 Two identical workers gave round ratios of 0.89-1.03 (median 1.00; HAT-S bf16 training on a Zen 4).
 ``--processes`` does the same for ``--set`` alone: then neither setting shares a model, a heap or caches with the
-other (each worker checks that it sees the constants of its setting).
+other (each worker checks that it sees the constants of its setting). Two processes can also differ in speed by
+5-10% for a whole run (HAT x4 fp32 inference on a Zen 4: three comparisons of attention chunk sizes in one hour gave
+medians that contradicted each other, where the same comparisons in one process agreed), so for a constant read at
+call time the comparison in one process is the one to trust.
 """
 from __future__ import annotations
 
