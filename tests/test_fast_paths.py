@@ -634,19 +634,31 @@ def test_overlapping_attention_in_chunks_equals_the_whole_maps(product_library):
     assert torch.equal(x, x_before)
 
 
+def _tiny_hab_and_ocab(shift: int) -> tuple[HAB, OCAB]:
+    """A HAB (windows of 4, shifted by ``shift``) and an OCAB, both of 12 channels in 2 heads, in eval mode."""
+    torch.manual_seed(0)
+    hab = HAB(dim=12, num_heads=2, window_size=4, shift_size=shift, compress_ratio=3, squeeze_factor=3,
+              conv_scale=0.01, mlp_ratio=2.0, qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0,
+              drop_path=0.0).eval()
+    ocab = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
+                mlp_ratio=2.0).eval()
+    return hab, ocab
+
+
+def _record_attention_calls(monkeypatch, record) -> None:
+    """Call ``record(q, bias)`` at each attention call of the blocks, which then runs as usual."""
+    kernel = hat_arch.attention
+    monkeypatch.setattr(hat_arch, 'attention', lambda q, k, v, bias, **options: record(q, bias) or kernel(
+        q, k, v, bias, **options))
+
+
 def test_attention_in_chunks_under_bf16_autocast_casts_each_mask_once(monkeypatch):
     """Under bf16 autocast the fp32 bias (plus a shift mask) reaches the kernel in bf16, cast once per group of
     windows in HAB and once per block in OCAB rather than in every chunk: one tensor per group for all its chunks."""
     monkeypatch.setattr(linear_module, 'ROW_CHUNK', 16)  # one 4x4 window per chunk
     masks = []
-    kernel = hat_arch.attention
-    monkeypatch.setattr(hat_arch, 'attention', lambda q, k, v, bias, **options: masks.append(bias) or kernel(
-        q, k, v, bias, **options))
-    torch.manual_seed(0)
-    hab = HAB(dim=12, num_heads=2, window_size=4, shift_size=2, compress_ratio=3, squeeze_factor=3, conv_scale=0.01,
-              mlp_ratio=2.0, qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0).eval()
-    ocab = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
-                mlp_ratio=2.0).eval()
+    _record_attention_calls(monkeypatch, lambda q, bias: masks.append(bias))
+    hab, ocab = _tiny_hab_and_ocab(shift=2)
     x, size = torch.randn(1, 12 * 8, 12), (12, 8)  # 3 x 2 windows
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         hab(x, size, relative_position_index_sa(4), shift_mask_patterns(4, 2))
@@ -667,14 +679,8 @@ def test_attention_chunks_are_larger_where_onednn_graph_serves(monkeypatch, fuse
     monkeypatch.setattr(hat_arch, 'FUSED_CHUNK_ROWS', 48)  # three
     monkeypatch.setattr(onednn_graph, 'available', lambda dtype=torch.bfloat16: dtype == fused_dtype)
     windows_per_call = []
-    kernel = hat_arch.attention
-    monkeypatch.setattr(hat_arch, 'attention', lambda q, k, v, bias, **options: windows_per_call.append(
-        q.shape[0]) or kernel(q, k, v, bias, **options))
-    torch.manual_seed(0)
-    hab = HAB(dim=12, num_heads=2, window_size=4, shift_size=0, compress_ratio=3, squeeze_factor=3, conv_scale=0.01,
-              mlp_ratio=2.0, qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0).eval()
-    ocab = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
-                mlp_ratio=2.0).eval()
+    _record_attention_calls(monkeypatch, lambda q, bias: windows_per_call.append(q.shape[0]))
+    hab, ocab = _tiny_hab_and_ocab(shift=0)
     x, size = torch.randn(1, 16 * 8, 12), (16, 8)  # 4 x 2 windows
     hab_args, ocab_args = (x, size, relative_position_index_sa(4), None), (x, size, relative_position_index_oca(4, 0.5))
     hab_whole, ocab_whole = hab(*hab_args).detach(), ocab(*ocab_args).detach()  # autograd: the whole maps
