@@ -623,7 +623,8 @@ class HAT(nn.Module):
     row gather (:func:`hat.archs.window.window_order`), a contiguous channels-last token stream, fp32 CPU linear
     layers on the library that suits the CPU and in row chunks (:mod:`hat.archs.linear`), head sizes aligned to 8
     for the CPU flash kernel and CUDA's masked fused kernels (:meth:`HeadAttention.pads_heads`), CPU inference
-    attending a few windows at a time from the token maps to the output (:meth:`HeadAttention.attends_in_chunks`),
+    attending a chunk of windows at a time from the token maps to the output (:meth:`HeadAttention.attends_in_chunks`;
+    up to 64 windows of 256 tokens where oneDNN Graph's kernel serves, :meth:`HeadAttention.windows_per_call`),
     bf16 autocast on oneDNN's bf16 kernels, ``compile_blocks`` for torch.compile.
     """
 
