@@ -16,11 +16,13 @@ weight (C = 144 or 180). On the CPU, in fp32, two things decide the speed of suc
   [1024, 180] x [180, 540] 8-20% faster, fc1 + GELU 10%, bit-identical results).
 * the size of one call. One call over all rows of a 128x128 map ran the [16384, 180] x [180, 540] qkv product at
   80-86 GFLOP/s on a Zen 3 (2 threads) with either library, the same product in chunks of 1024 rows at 135: a
-  chunk's input and output stay in cache. Without autograd the products run in chunks of :data:`ROW_CHUNK` rows,
-  and the MLP runs fc1, GELU and fc2 on one chunk before the next, so that its hidden map (twice the width of the
-  tokens) never exists in full. Where oneDNN multiplies (AMD's AVX-512 CPUs) chunks of 2048 rows were the faster:
+  chunk's input and output stay in cache. Without autograd the products run in chunks of :data:`ROW_CHUNK` rows
+  (except a product into a new tensor where oneDNN multiplies: one call, see :func:`chunked_linear`), and the MLP
+  runs fc1, GELU and fc2 on one chunk before the next, so that its hidden map (twice the width of the tokens) never
+  exists in full. Where oneDNN multiplies (AMD's AVX-512 CPUs) chunks of 2048 rows were the faster:
   HAT x4's forward at 128x128 on a Zen 4 (2 threads), against 1024, fp32 2.6% faster (all 8 alternated rounds, each
-  setting in a process of its own), bf16 2.9% (median of 8); 4096 no faster than 2048 (0.993).
+  setting in a process of its own), bf16 2.9% (median of 8); 4096 no faster than 2048 (0.993). Re-checked in one
+  process once attention calls had grown beyond one chunk (fp32, 10 rounds each): 1024 3.5% slower, 4096 the same.
 
 The results agree with ``F.linear`` to fp32 rounding (the sum over the input features runs in the same order).
 The oneDNN operator is not covered by autocast and Inductor lowers it only for frozen weights, so all of this applies
