@@ -221,7 +221,7 @@ class HeadAttention(nn.Module):
         return self.proj.forward_with(out, proj_weight, self.proj.bias)
 
     def attends_in_chunks(self, x: Tensor) -> bool:
-        """Whether attention runs a few windows at a time, from the projections to the output (CPU inference).
+        """Whether attention runs a chunk of windows at a time, from the projections to the output (CPU inference).
 
         Each chunk of query tokens (:meth:`windows_per_call`) is gathered, projected, attended and projected back
         while it is in cache, and no map of q, k and v (3x the tokens, or 9x for OCAB's enlarged windows) is

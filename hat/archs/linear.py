@@ -57,7 +57,8 @@ def cpu_product_library() -> str:
     return 'onednn' if _onednn_avx512() and cpu_vendor() == 'AuthenticAMD' else 'mkl'
 
 
-# Rows per product without autograd (see the module doc); also the query tokens of one chunk of window attention.
+# Rows per product without autograd (see the module doc); also the query tokens of one chunk of window attention
+# where oneDNN Graph's kernel does not serve it (hat.archs.hat_arch.HeadAttention.windows_per_call).
 ROW_CHUNK = 2048 if cpu_product_library() == 'onednn' else 1024
 
 
