@@ -29,7 +29,8 @@ Method:
   faults after the warm-up, the arithmetic alone.
 * Memory: on the CPU, each (variant, size, path) runs in a fresh subprocess whose C allocator returns every block
   of 128 KiB or more to the system when it is freed (``MALLOC_MMAP_THRESHOLD_=131072``), so that the resident size
-  follows the memory in use instead of what the allocator keeps for reuse. One forward warms up, then the kernel's
+  follows the memory in use instead of what the allocator keeps for reuse (HAT's attention calls keep the size they
+  have in the timed workers, :data:`hat.archs.hat_arch.CALL_BUFFER_BYTES`). One forward warms up, then the kernel's
   peak-RSS mark is reset (``/proc/self/clear_refs``) and the growth of peak RSS over the resident size before the
   measured forward is reported (activations and workspace; the weights and the input are excluded). Where the mark
   cannot be reset, the child reports peak RSS (``getrusage``) minus the resident size before its first forward.
@@ -72,10 +73,12 @@ import torch  # noqa: E402
 
 import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.official_baseline import OfficialHAT  # noqa: E402
-from benchmarks.workers import (HEAP_REUSE_NOTE, WorkerPool, add_heap_reuse_argument, serve,  # noqa: E402
-                                timed_with_usage, usage_cell)
+from benchmarks.workers import (HEAP_REUSE_ENV, HEAP_REUSE_NOTE, WorkerPool,  # noqa: E402
+                                add_heap_reuse_argument, serve, timed_with_usage, usage_cell)
+from hat.archs import hat_arch  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
 from hat.inference.precision import device_description, native_bf16  # noqa: E402
+from hat.utils.heap import largest_reused_block  # noqa: E402
 
 MANIFESTS = ROOT / 'tests' / 'data' / 'golden'
 VARIANTS = ('HAT-S', 'HAT', 'HAT-L')
@@ -264,6 +267,8 @@ def memory_child(spec: dict) -> dict:
     """Runs in a fresh process: peak memory growth of one forward (MiB), see the module doc."""
     torch.set_num_threads(spec['threads'])
     device = torch.device(spec['device'])
+    # The attention calls as large as in the timed workers, not as this child's allocator setting would make them.
+    hat_arch.CALL_BUFFER_BYTES = spec['call_buffer_bytes']
     torch.manual_seed(0)
     forward = build(spec['path'], network_config(spec['variant']), None, device)
     x = test_image(spec['size']).to(device)
@@ -295,8 +300,10 @@ def child_peak_mib(script: str, spec: dict, timeout: float, label: str) -> float
 
 
 def measure_memory(variant: str, size: int, path: str, device: torch.device, threads: int,
-                   timeout: float) -> float | None:
-    spec = {'variant': variant, 'size': size, 'path': path, 'device': str(device), 'threads': threads}
+                   timeout: float, heap_reuse: bool = False) -> float | None:
+    worker_environment = {**os.environ, **HEAP_REUSE_ENV} if heap_reuse else os.environ
+    spec = {'variant': variant, 'size': size, 'path': path, 'device': str(device), 'threads': threads,
+            'call_buffer_bytes': largest_reused_block(worker_environment)}
     return child_peak_mib(__file__, spec, timeout, path)
 
 
@@ -398,7 +405,8 @@ def bench_config(variant: str, size: int, paths: list[str], args, device: torch.
         results[path].error = error
     if not args.no_memory:
         for path in pool.workers:  # those that ran to the end
-            results[path].peak_mib = measure_memory(variant, size, path, device, args.threads, args.memory_timeout)
+            results[path].peak_mib = measure_memory(variant, size, path, device, args.threads, args.memory_timeout,
+                                                    args.heap_reuse)
     return results
 
 

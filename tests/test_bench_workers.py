@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:
 from benchmarks import alternate, bench_inference, bench_train, workers  # noqa: E402
 from hat.archs import linear as linear_module  # noqa: E402
 from hat.archs.hat_arch import HAT  # noqa: E402
+from hat.utils import heap  # noqa: E402
 
 
 def replies(text: str) -> list[dict]:
@@ -235,6 +236,19 @@ def test_bench_inference_runs_each_path_in_its_own_process_with_the_same_weights
     assert max_diff < 1e-5
     assert float(rows['fp32'][5].removesuffix('x')) == pytest.approx(float(rows['official'][3]) /
                                                                      float(rows['fp32'][3]), rel=0.02)
+
+
+def test_memory_children_size_attention_calls_as_the_timed_workers(monkeypatch):
+    """The memory child's allocator setting (blocks of 128 KiB up mapped afresh) would shrink HAT's attention calls
+    (hat.archs.hat_arch.CALL_BUFFER_BYTES follows the heap): each child is told the size the timed workers' heap
+    gives them instead, glibc's default or --heap-reuse's."""
+    for name in ('MALLOC_MMAP_THRESHOLD_', 'GLIBC_TUNABLES'):
+        monkeypatch.delenv(name, raising=False)
+    specs = []
+    monkeypatch.setattr(bench_inference, 'child_peak_mib', lambda script, spec, timeout, label: specs.append(spec))
+    for heap_reuse in (False, True):
+        bench_inference.measure_memory('HAT-S', 16, 'fp32', torch.device('cpu'), 1, 60.0, heap_reuse)
+    assert [spec['call_buffer_bytes'] for spec in specs] == [heap.DEFAULT_REUSED_BLOCK, 1 << 30]
 
 
 TINY_ALTERNATE = ['--task', 'inference', '--variant', 'HAT-S', '--size', '16', '--rounds', '2', '--warmup', '0']

@@ -696,6 +696,36 @@ def test_attention_chunks_are_larger_where_onednn_graph_serves(monkeypatch, fuse
         torch.testing.assert_close(ocab_out, ocab_whole, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize('autocast', [False, True])
+def test_attention_calls_keep_their_largest_buffer_under_the_bound(monkeypatch, autocast):
+    """Where oneDNN Graph's kernel serves, a call's qkv (HAB) or gathered keys and values (OCAB) stays under
+    CALL_BUFFER_BYTES, counted in the products' dtype (bf16 under autocast: half the bytes), in calls of one size,
+    and never holds fewer windows than a product chunk."""
+    monkeypatch.setattr(linear_module, 'ROW_CHUNK', 16)  # one window of 4x4
+    monkeypatch.setattr(hat_arch, 'FUSED_CHUNK_ROWS', 48)  # three
+    # Two windows' qkv in fp32 (16 tokens x 36 features x 4 bytes each); one window's keys and values (36 x 24 x 4).
+    monkeypatch.setattr(hat_arch, 'CALL_BUFFER_BYTES', 2 * 16 * 36 * 4)
+    monkeypatch.setattr(onednn_graph, 'available', lambda dtype=torch.bfloat16: True)
+    windows_per_call = []
+    _record_attention_calls(monkeypatch, lambda q, bias: windows_per_call.append(q.shape[0]))
+    hab, ocab = _tiny_hab_and_ocab(shift=0)
+    x, size = torch.randn(1, 16 * 8, 12), (16, 8)  # 4 x 2 windows
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        hab(x, size, relative_position_index_sa(4), None)
+        assert windows_per_call == ([3, 3, 2] if autocast else [2, 2, 2, 2])
+        windows_per_call.clear()
+        ocab(x, size, relative_position_index_oca(4, 0.5))
+        assert windows_per_call == ([2, 2, 2, 2] if autocast else [1] * 8)
+
+
+def test_call_bounds_split_windows_into_calls_of_one_size():
+    bounds = hat_arch.HeadAttention.call_bounds
+    assert bounds(0, 64, 60) == [(0, 32), (32, 64)]
+    assert bounds(0, 49, 60) == [(0, 49)]
+    assert bounds(5, 7, 3) == [(5, 8), (8, 11), (11, 12)]
+    assert bounds(2, 1, 8) == [(2, 3)]
+
+
 def test_chunked_linear_is_one_product_where_onednn_multiplies(product_library, monkeypatch):
     """Without an output, oneDNN multiplies any number of rows in one call (no copy into an output); MKL multiplies
     them ROW_CHUNK (here 5) rows at a time."""

@@ -134,6 +134,19 @@ def test_the_environment_form_holds_the_same_settings():
     assert heap.user_set_malloc(heap.KEEP_FREED_MEMORY_ENV)
 
 
+def test_the_largest_reused_block_follows_the_heap_settings():
+    """What HAT's attention calls stay within (hat.archs.hat_arch.CALL_BUFFER_BYTES): glibc's ceiling by default,
+    the user's mmap threshold from either form of the environment, 1 GiB once this module has set the heap."""
+    assert heap.largest_reused_block({}) == heap.DEFAULT_REUSED_BLOCK < 32 << 20
+    assert heap.largest_reused_block({'MALLOC_MMAP_THRESHOLD_': '1048576'}) == 1 << 20
+    assert heap.largest_reused_block({'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=4096'}
+                                     ) == 4096
+    assert heap.largest_reused_block({'MALLOC_MMAP_THRESHOLD_': 'lots'}) == heap.DEFAULT_REUSED_BLOCK
+    assert heap.largest_reused_block(heap.KEEP_FREED_MEMORY_ENV) == 1 << 30  # the benchmarks' --heap-reuse
+    assert heap.keep_freed_memory({}, FakeLibc()) is True
+    assert heap.largest_reused_block({}) == 1 << 30
+
+
 def test_freed_memory_is_given_back_only_where_this_module_set_the_heap():
     libc = FakeLibc()
     assert heap.release_freed_memory() is False  # glibc's defaults (or the user's settings): left alone

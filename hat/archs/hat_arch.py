@@ -31,6 +31,7 @@ from hat.archs import onednn_graph
 from hat.archs.attention import attention
 from hat.archs import linear as token_linear
 from hat.archs.linear import Linear, Mlp, chunked_linear
+from hat.utils.heap import largest_reused_block
 from hat.archs.window import (compiling, overlapping_window_index, overlapping_window_size, pad_to_multiple,
                               relative_position_index_oca, relative_position_index_sa, shift_mask_patterns,
                               WindowOrder, window_order)
@@ -47,6 +48,10 @@ HEAD_ALIGNMENT = 8
 # Query tokens per attention call where CPU inference attends in chunks and oneDNN Graph's fused kernel serves (see
 # HeadAttention.windows_per_call); elsewhere a chunk is linear.ROW_CHUNK tokens.
 FUSED_CHUNK_ROWS = 16384
+# Bytes that the largest buffer of one such call (HAB's qkv, OCAB's gathered keys and values) stays within; None:
+# the largest block the C library's heap serves again once freed (hat.utils.heap.largest_reused_block: 32 MiB under
+# glibc's defaults), as a larger one is mapped afresh at every call and faulted in page by page.
+CALL_BUFFER_BYTES: int | None = None
 
 
 class DropPath(nn.Module):
@@ -230,20 +235,36 @@ class HeadAttention(nn.Module):
         """
         return x.device.type == 'cpu' and not self.qkv._needs_grad(x) and not compiling()
 
-    def windows_per_call(self, x: Tensor, tokens_per_window: int) -> int:
+    def windows_per_call(self, x: Tensor, tokens_per_window: int, buffer_per_window: int) -> int:
         """How many windows of queries one chunk of :meth:`attends_in_chunks` holds, for input tokens ``x``.
 
         :data:`~hat.archs.linear.ROW_CHUNK` query tokens, the rows of one product chunk, except where oneDNN Graph's
         fused kernel serves the chunks' dtype (:func:`hat.archs.onednn_graph.available`; fp32 on AMD's AVX-512 CPUs,
-        bf16 where it is native): there :data:`FUSED_CHUNK_ROWS`. That kernel ran the same 64 windows of HAT's
-        attention 1.16-1.19x faster in calls of 32 or 64 windows than in calls of 8, and HAT x4's whole forward at
-        128x128 was 4.6% faster in fp32 (11 of 12 alternated rounds) and 4.7% in bf16 (10 of 10) with chunks of
-        16384 tokens than with 2048 (Zen 4, 2 threads). Where PyTorch's kernels serve instead, larger chunks were
-        slower (the AVX2 path on the same machine: 0.94).
+        bf16 where it is native): there up to :data:`FUSED_CHUNK_ROWS`, as long as the call's largest buffer
+        (``buffer_per_window`` elements per window in the products' dtype) stays within :data:`CALL_BUFFER_BYTES`.
+        That kernel ran the same 64 windows of HAT's attention 1.16-1.19x faster in calls of 32 or 64 windows than in
+        calls of 8, and HAT x4's whole forward at 128x128 was 4.6% faster in fp32 (11 of 12 alternated rounds) and
+        4.7% in bf16 (10 of 10) with chunks of 16384 tokens than with 2048 (Zen 4, 2 threads). Where PyTorch's
+        kernels serve instead, larger chunks were slower (the AVX2 path on the same machine: 0.94). The buffer bound:
+        under glibc's defaults HAT's fp32 qkv of 64 windows (35 MB) was mapped afresh at every call, its product ran
+        at 121 GFLOP/s against 179 for 60 windows, and the forward at 128x128 was 4.6% slower with calls of 64
+        windows than of 32 (263K page faults against 17K; median of 6 rounds, each setting in a process of its own);
+        where the heap keeps freed memory (``hat-upscale``), 1.2% faster (Zen 4, 2 threads).
         """
-        fused = onednn_graph.available(token_linear.product_dtype(x))
-        rows = FUSED_CHUNK_ROWS if fused else token_linear.ROW_CHUNK
-        return max(1, rows // tokens_per_window)
+        dtype = token_linear.product_dtype(x)
+        per_call = max(1, token_linear.ROW_CHUNK // tokens_per_window)
+        if not onednn_graph.available(dtype):
+            return per_call
+        bound = CALL_BUFFER_BYTES or largest_reused_block()
+        return max(per_call, min(FUSED_CHUNK_ROWS // tokens_per_window, bound // (buffer_per_window * dtype.itemsize)))
+
+    @staticmethod
+    def call_bounds(first: int, count: int, per_call: int) -> list[tuple[int, int]]:
+        """(start, stop) of each call over windows ``first`` to ``first + count``, at most ``per_call`` windows each,
+        in calls of one size but the last (64 windows at most 60 per call: two calls of 32, not 60 and 4)."""
+        calls = -(-count // per_call)
+        size = -(-count // calls)
+        return [(start, min(start + size, first + count)) for start in range(first, first + count, size)]
 
     @staticmethod
     def _chunk_output(tokens: Tensor, first_chunk: Tensor, in_place: bool) -> Tensor:
@@ -379,13 +400,13 @@ class WindowAttention(HeadAttention):
             return order.restore(self(order.take(tokens), rpi, groups))
         n, heads = self.window_size * self.window_size, self.num_heads
         bias = self.gathered_bias(rpi, n, n)
-        per_chunk = self.windows_per_call(tokens, n)
+        per_chunk = self.windows_per_call(tokens, n, n * self.qkv_layout(tokens)[0].shape[0])
         out = None  # chosen at the first chunk, in the dtype of its projection (bf16 under autocast)
         first = 0
         for count, mask in groups:
             group_mask = bias if mask is None else bias + mask  # one sum per group instead of one per chunk
-            for start in range(first, first + count, per_chunk):
-                qkv, d = self.project_qkv(order.take(tokens, start * n, min(start + per_chunk, first + count) * n))
+            for start, stop in self.call_bounds(first, count, per_chunk):
+                qkv, d = self.project_qkv(order.take(tokens, start * n, stop * n))
                 group_mask = group_mask.to(qkv.dtype)  # bf16 under autocast: cast once per group, not per chunk
                 q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
                 attended = attention(q, k, v, group_mask, scale=self.scale, fused=self.fused_attn)
@@ -495,10 +516,9 @@ class OCAB(HeadAttention):
 
         n_windows = order.gather.numel() // n_q
         in_chunks = self.attends_in_chunks(tokens)
-        per_chunk = self.windows_per_call(tokens, n_q) if in_chunks else n_windows
+        per_chunk = self.windows_per_call(tokens, n_q, n_k * kv_weight.shape[0]) if in_chunks else n_windows
         attended = None
-        for start in range(0, n_windows, per_chunk):
-            stop = min(start + per_chunk, n_windows)
+        for start, stop in self.call_bounds(0, n_windows, per_chunk):
             q = self.qkv.forward_with(order.take(tokens, start * n_q, stop * n_q), q_weight, q_bias)
             q = q.view(-1, n_q, heads, d).transpose(1, 2)  # [w, heads, ws*ws, d]
             attn_bias = attn_bias.to(q.dtype)  # bf16 under autocast: cast once, not per chunk

@@ -24,7 +24,9 @@ musl) are left alone.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import re
 from typing import Mapping
 
 # mallopt's parameters (glibc's malloc.h)
@@ -44,6 +46,10 @@ SWITCH = 'HAT_KEEP_FREED_MEMORY'  # '0': leave the allocator as it is; '1': set 
 USER_MALLOC_VARIABLES = (*ENVIRONMENT_NAMES.values(), 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_')
 # The C library whose heap keep_freed_memory() set in this process (None: not set).
 _kept_by: ctypes.CDLL | None = None
+# The largest freed block glibc's malloc serves again from its heap under its defaults on 64-bit systems (the ceiling
+# of its dynamic mmap threshold), less what a block takes beyond the bytes asked for (its header, the alignment that
+# PyTorch asks for, the rounding of a mapping to pages).
+DEFAULT_REUSED_BLOCK = (32 << 20) - (64 << 10)
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -61,6 +67,31 @@ def user_set_malloc(environment: Mapping[str, str]) -> bool:
     tunable)."""
     return (any(name in environment for name in USER_MALLOC_VARIABLES)
             or 'glibc.malloc.' in environment.get('GLIBC_TUNABLES', ''))
+
+
+def largest_reused_block(environment: Mapping[str, str] | None = None) -> int:
+    """Bytes of the largest tensor that malloc serves again from its heap once freed, where larger ones are mapped
+    afresh and faulted in page by page: the 1 GiB of :func:`keep_freed_memory` where it set the heap, the mmap
+    threshold the user gave glibc in the environment (``MALLOC_MMAP_THRESHOLD_`` or the ``glibc.malloc.
+    mmap_threshold`` tunable, read as glibc read it when the process started), else :data:`DEFAULT_REUSED_BLOCK`
+    (glibc's defaults; also taken for other C libraries). ``environment``: default ``os.environ`` as it was at the
+    first call."""
+    if _kept_by is not None:
+        return dict(KEEP_FREED_MEMORY)[M_MMAP_THRESHOLD]
+    if environment is None:
+        return _threshold_from_start_environment()
+    return _user_mmap_threshold(environment) or DEFAULT_REUSED_BLOCK
+
+
+@functools.cache
+def _threshold_from_start_environment() -> int:
+    return _user_mmap_threshold(os.environ) or DEFAULT_REUSED_BLOCK
+
+
+def _user_mmap_threshold(environment: Mapping[str, str]) -> int | None:
+    tunable = re.search(r'glibc\.malloc\.mmap_threshold=(\d+)', environment.get('GLIBC_TUNABLES', ''))
+    value = tunable.group(1) if tunable else environment.get('MALLOC_MMAP_THRESHOLD_', '').strip()
+    return int(value) if value.isdigit() else None
 
 
 def keep_freed_memory(environment: Mapping[str, str] | None = None, libc: ctypes.CDLL | None = None, *,
