@@ -25,7 +25,12 @@ Two identical workers gave round ratios of 0.89-1.03 (median 1.00; HAT-S bf16 tr
 other (each worker checks that it sees the constants of its setting). Two processes can also differ in speed by
 5-10% for a whole run (HAT x4 fp32 inference on a Zen 4: three comparisons of attention chunk sizes in one hour gave
 medians that contradicted each other, where the same comparisons in one process agreed), so for a constant read at
-call time the comparison in one process is the one to trust.
+call time the comparison in one process is the one to trust. ``--fresh-processes`` starts a new pair of workers for
+each round (each warmed up by ``--warmup`` runs): slower, but no one process's speed weighs on every round, and each
+round's pair starts from a fresh heap, as a user's process does. That is the comparison for what depends on the
+state of the C library's heap, which one shared process hides (both settings then find the blocks the other freed:
+HAT's attention calls with and without :data:`hat.archs.hat_arch.CALL_BUFFER_BYTES`: 0 page faults either way in
+one process, 17K against 263K per forward in fresh ones).
 """
 from __future__ import annotations
 
@@ -195,37 +200,46 @@ def run_worker(spec: dict) -> tuple:
     return timed, seen
 
 
-def alternate_processes(argv: Sequence[str], env: dict[str, str], rounds: int,
-                        settings: Sequence[Setting] = ()) -> tuple[list[float], list[float], list]:
+def alternate_processes(argv: Sequence[str], env: dict[str, str], rounds: int, settings: Sequence[Setting] = (),
+                        *, fresh: bool = False) -> tuple[list[float], list[float], list]:
     """As :func:`alternate`, with A and B each in a worker process (B's environment with ``env``). ``argv``: the
     driver's arguments, for the workers to rebuild the task from; ``settings``: its ``--set`` constants, which each
-    worker must see as its setting says (B: set; A: as the driver has them)."""
+    worker must see as its setting says (B: set; A: as the driver has them). ``fresh``: a new pair of workers for
+    each round (``--fresh-processes``), else one pair for all rounds."""
     base_env = dict(os.environ)
     specs = {label: {'argv': list(argv), 'setting': label} for label in ('A', 'B')}
     environments = {'A': base_env, 'B': {**base_env, **env}}
     times, outputs = {'A': [], 'B': []}, {}
-    with tempfile.TemporaryDirectory() as folder, WorkerPool(__file__, specs, environments) as pool:
-        if pool.errors:
-            raise RuntimeError('could not start: ' + '; '.join(f'setting {label}: {error}'
-                                                               for label, error in pool.errors.items()))
-        for label, ready in pool.ready.items():
-            expected = {name: (value if label == 'B' else os.environ.get(name)) for name, value in env.items()}
-            if ready['environment'] != expected:  # the worker says what it sees: the variables arrived, or stop
-                raise RuntimeError(f'setting {label}: its process sees {ready["environment"]}, not {expected}')
-            constants = {f'{s.module.__name__}.{s.name}': (s.value if label == 'B' else getattr(s.module, s.name))
-                         for s in settings}
-            if ready['constants'] != constants:
-                raise RuntimeError(f'setting {label}: its process sees {ready["constants"]}, not {constants}')
-        for r in range(rounds):
-            for label in ('A', 'B') if r % 2 == 0 else ('B', 'A'):
-                output_file = os.path.join(folder, f'{label}.pt') if r == rounds - 1 else None
-                answer = pool.request(label, {'output_file': output_file})
-                if answer is None:
-                    raise RuntimeError(f'setting {label} failed: {pool.errors[label]}')
-                times[label].append(answer['seconds'])
-                if output_file and os.path.exists(output_file):
-                    outputs[label] = torch.load(output_file)
+    pools_rounds = [range(r, r + 1) for r in range(rounds)] if fresh else [range(rounds)]
+    with tempfile.TemporaryDirectory() as folder:
+        for pool_rounds in pools_rounds:
+            with WorkerPool(__file__, specs, environments) as pool:
+                _check_workers(pool, env, settings)
+                for r in pool_rounds:
+                    for label in ('A', 'B') if r % 2 == 0 else ('B', 'A'):
+                        output_file = os.path.join(folder, f'{label}.pt') if r == rounds - 1 else None
+                        answer = pool.request(label, {'output_file': output_file})
+                        if answer is None:
+                            raise RuntimeError(f'setting {label} failed: {pool.errors[label]}')
+                        times[label].append(answer['seconds'])
+                        if output_file and os.path.exists(output_file):
+                            outputs[label] = torch.load(output_file)
     return times['A'], times['B'], [outputs.get('A'), outputs.get('B')]
+
+
+def _check_workers(pool: WorkerPool, env: dict[str, str], settings: Sequence[Setting]) -> None:
+    """Stop unless both workers started and each sees the variables and constants of its setting."""
+    if pool.errors:
+        raise RuntimeError('could not start: ' + '; '.join(f'setting {label}: {error}'
+                                                           for label, error in pool.errors.items()))
+    for label, ready in pool.ready.items():
+        expected = {name: (value if label == 'B' else os.environ.get(name)) for name, value in env.items()}
+        if ready['environment'] != expected:  # the worker says what it sees: the variables arrived, or stop
+            raise RuntimeError(f'setting {label}: its process sees {ready["environment"]}, not {expected}')
+        constants = {f'{s.module.__name__}.{s.name}': (s.value if label == 'B' else getattr(s.module, s.name))
+                     for s in settings}
+        if ready['constants'] != constants:
+            raise RuntimeError(f'setting {label}: its process sees {ready["constants"]}, not {constants}')
 
 
 def report(args: argparse.Namespace, a: Sequence[float], b: Sequence[float], outputs: Sequence,
@@ -235,7 +249,9 @@ def report(args: argparse.Namespace, a: Sequence[float], b: Sequence[float], out
             else f'{args.variant} training iteration, batch {args.batch}, LR patch {args.patch}x{args.patch}')
     changed = ', '.join([f'{s.module.__name__}.{s.name} = {s.value!r}' for s in args.settings]
                         + [f'environment {name}={value}' for name, value in args.env])
-    if args.env or args.processes:
+    if args.fresh_processes:
+        changed += ' (A and B each in a process of its own, a new pair for each round)'
+    elif args.env or args.processes:
         changed += ' (A and B each in a process of its own)'
     lines = [f'{what}, {args.precision}. {bench_inference.machine_line(device)}.', '',
              f'A: the constants as they are; B: {changed}. {len(a)} rounds after {args.warmup} warm-up run(s) of '
@@ -260,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='an environment variable of B (repeatable; A and B then run in processes of their own)')
     parser.add_argument('--processes', action='store_true',
                         help='A and B each in a process of its own (always so with --env)')
+    parser.add_argument('--fresh-processes', action='store_true',
+                        help='as --processes, with a new pair of processes for each round')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--task', choices=TASKS, default='inference')
     parser.add_argument('--variant', choices=bench_inference.VARIANTS, default='HAT')
@@ -296,8 +314,9 @@ def main(argv: list[str] | None = None) -> str:
         return ''
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.env or args.processes:
-        a, b, outputs = alternate_processes(argv, dict(args.env), args.rounds, args.settings)
+    if args.env or args.processes or args.fresh_processes:
+        a, b, outputs = alternate_processes(argv, dict(args.env), args.rounds, args.settings,
+                                            fresh=args.fresh_processes)
         return bench_inference.publish(report(args, a, b, outputs, device), args.out)
     run = make_run(args, device)
     if args.warmup:

@@ -298,6 +298,20 @@ def test_alternate_runs_module_constants_in_processes_of_their_own_when_asked(mo
     assert largest < 1e-5
 
 
+def test_alternate_with_fresh_processes_starts_a_new_pair_for_each_round(monkeypatch):
+    """--fresh-processes: one pool of workers A and B per round, each checked, the same computation alike."""
+    pools = []
+    pool_class = alternate.WorkerPool
+    monkeypatch.setattr(alternate, 'WorkerPool', lambda *args, **kwargs: pools.append(1) or pool_class(*args,
+                                                                                                        **kwargs))
+    report = alternate.main([*TINY_ALTERNATE, '--set', 'hat.archs.linear.ROW_CHUNK=64', '--fresh-processes'])
+    assert len(pools) == 2
+    assert ('B: hat.archs.linear.ROW_CHUNK = 64 (A and B each in a process of its own, a new pair for each round). '
+            '2 rounds') in report
+    assert len([line for line in report.splitlines() if line.startswith('| ') and line[2].isdigit()]) == 2
+    assert float(report.split('Largest difference between the outputs of A and B: ')[1].rstrip('.')) < 1e-5
+
+
 def test_alternate_stops_when_a_worker_does_not_see_its_constants(monkeypatch):
     """The driver's constant differs from what a fresh process imports (as when a constant is computed at import
     differently in the driver): setting A's worker does not see the driver's value, and the comparison stops."""

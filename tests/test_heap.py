@@ -139,8 +139,8 @@ def test_the_largest_reused_block_follows_the_heap_settings():
     the user's mmap threshold from either form of the environment, 1 GiB once this module has set the heap."""
     assert heap.largest_reused_block({}) == heap.DEFAULT_REUSED_BLOCK < 32 << 20
     assert heap.largest_reused_block({'MALLOC_MMAP_THRESHOLD_': '1048576'}) == 1 << 20
-    assert heap.largest_reused_block({'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=4096'}
-                                     ) == 4096
+    tunables = 'glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=4096'
+    assert heap.largest_reused_block({'GLIBC_TUNABLES': tunables}) == 4096
     assert heap.largest_reused_block({'MALLOC_MMAP_THRESHOLD_': 'lots'}) == heap.DEFAULT_REUSED_BLOCK
     assert heap.largest_reused_block(heap.KEEP_FREED_MEMORY_ENV) == 1 << 30  # the benchmarks' --heap-reuse
     assert heap.keep_freed_memory({}, FakeLibc()) is True

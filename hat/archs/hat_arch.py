@@ -48,10 +48,10 @@ HEAD_ALIGNMENT = 8
 # Query tokens per attention call where CPU inference attends in chunks and oneDNN Graph's fused kernel serves (see
 # HeadAttention.windows_per_call); elsewhere a chunk is linear.ROW_CHUNK tokens.
 FUSED_CHUNK_ROWS = 16384
-# Bytes that the largest buffer of one such call (HAB's qkv, OCAB's gathered keys and values) stays within; None:
-# the largest block the C library's heap serves again once freed (hat.utils.heap.largest_reused_block: 32 MiB under
+# Bytes that the largest buffer of one such call (HAB's qkv, OCAB's gathered keys and values) stays within; 0: the
+# largest block the C library's heap serves again once freed (hat.utils.heap.largest_reused_block: 32 MiB under
 # glibc's defaults), as a larger one is mapped afresh at every call and faulted in page by page.
-CALL_BUFFER_BYTES: int | None = None
+CALL_BUFFER_BYTES = 0
 
 
 class DropPath(nn.Module):
@@ -246,10 +246,11 @@ class HeadAttention(nn.Module):
         calls of 8, and HAT x4's whole forward at 128x128 was 4.6% faster in fp32 (11 of 12 alternated rounds) and
         4.7% in bf16 (10 of 10) with chunks of 16384 tokens than with 2048 (Zen 4, 2 threads). Where PyTorch's
         kernels serve instead, larger chunks were slower (the AVX2 path on the same machine: 0.94). The buffer bound:
-        under glibc's defaults HAT's fp32 qkv of 64 windows (35 MB) was mapped afresh at every call, its product ran
-        at 121 GFLOP/s against 179 for 60 windows, and the forward at 128x128 was 4.6% slower with calls of 64
-        windows than of 32 (263K page faults against 17K; median of 6 rounds, each setting in a process of its own);
-        where the heap keeps freed memory (``hat-upscale``), 1.2% faster (Zen 4, 2 threads).
+        under glibc's defaults HAT's fp32 qkv of 64 windows (35 MB) was mapped afresh at every call and its product
+        ran at 121 GFLOP/s against 179 for 60 windows (in the forward at 128x128, 263K page faults against 17K with
+        calls of 32 windows); the whole forward moved by less than the machine's noise (median ratios 0.954 and 1.005
+        over 6 and 8 pairs of fresh processes), its peak at 256x256 fell from 394 to 341 MiB. Where the heap keeps
+        freed memory (``hat-upscale``) calls of 64 windows stay (Zen 4, 2 threads).
         """
         dtype = token_linear.product_dtype(x)
         per_call = max(1, token_linear.ROW_CHUNK // tokens_per_window)
