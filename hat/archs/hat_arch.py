@@ -31,10 +31,10 @@ from hat.archs import onednn_graph
 from hat.archs.attention import attention
 from hat.archs import linear as token_linear
 from hat.archs.linear import Linear, Mlp, chunked_linear
-from hat.utils.heap import largest_reused_block
 from hat.archs.window import (compiling, overlapping_window_index, overlapping_window_size, pad_to_multiple,
                               relative_position_index_oca, relative_position_index_sa, shift_mask_patterns,
                               WindowOrder, window_order)
+from hat.utils.heap import largest_reused_block
 
 SUPPORTED_UPSAMPLERS = ('pixelshuffle', )
 SUPPORTED_RESI_CONNECTIONS = ('1conv', 'identity')

@@ -20,6 +20,9 @@ allocator as it is unless it calls :func:`keep_freed_memory` itself. ``HAT_KEEP_
 turns it off (``=1`` on where a caller's default is off), and where the user has set glibc's malloc through its
 environment (``MALLOC_*_`` variables or ``GLIBC_TUNABLES``), that choice is kept. Other C libraries (macOS, Windows,
 musl) are left alone.
+
+:func:`largest_reused_block` says what the heap, set or not, serves again: HAT's CPU attention sizes its calls by it
+(:meth:`hat.archs.hat_arch.HeadAttention.windows_per_call`), so that no call's buffer is mapped afresh each time.
 """
 from __future__ import annotations
 
