@@ -42,7 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from hat import __version__
 from hat.inference.descriptor import ModelDescriptor, load_model
 from hat.inference.memory import is_out_of_memory
-from hat.inference.precision import PRECISION_CHOICES, default_device
+from hat.inference.precision import PRECISION_CHOICES, default_device, resolve_device
 from hat.inference.upscaler import DEFAULT_TILE_PAD, Upscaler, parse_tile
 from hat.io.images import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, ImageError, UnreadableImageError, read_picture,
                            write_picture)
@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '(runs fp32 with a warning where bf16 would be emulated; HAT_FORCE_BF16=1 forces it) or fp16 '
                         '(CUDA only; HAT may overflow)')
     parser.add_argument('--device', default=None,
-                        help=f'torch device (default: cuda if available, else cpu; here {default_device()})')
+                        help=f'cpu, cuda, cuda:1, mps (Apple silicon) or xpu (default: cuda if available, else '
+                        f'cpu; here {default_device()}); a device this machine lacks is refused before anything is '
+                        'written')
     parser.add_argument('--suffix', default=DEFAULT_SUFFIX,
                         help=f'appended to each output name; {{scale}} is replaced (default {DEFAULT_SUFFIX!r})')
     parser.add_argument('--ext', default=DEFAULT_EXT, choices=(*OUTPUT_FORMATS, EXT_AUTO), type=str.lower,
@@ -206,12 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_device(name: str | None) -> torch.device:
     try:
-        device = torch.device(name or default_device())
-    except RuntimeError as error:
-        raise UsageError(f'--device {name}: {error}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
-    return device
+        return resolve_device(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def load_upscaler(args: argparse.Namespace, device: torch.device) -> Upscaler:

@@ -214,3 +214,56 @@ def test_the_run_says_what_auto_chose(monkeypatch, caplog, tmp_path, tiny_checkp
     text = '\n'.join(r.getMessage() for r in caplog.records)
     assert 'on cpu, fp32 (auto: this CPU has no native bf16' in text
     assert 'tile auto' in text and 'photo.png: 20x12, tile none (whole image)' in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices: hat-upscale, the LAM and feature-map tools check the one asked for before building anything on it
+
+
+def backends(monkeypatch, *available: str, counts: dict[str, int] | None = None) -> None:
+    """Make this machine's PyTorch see ``available`` device types (and ``counts`` devices of CUDA or XPU)."""
+    monkeypatch.setattr(precision, '_backend_available', lambda device_type: device_type in ('cpu', *available))
+    for device_type, count in (counts or {}).items():
+        monkeypatch.setattr(getattr(torch, device_type), 'device_count', lambda count=count: count)
+
+
+@pytest.mark.parametrize('name, available, expected', [
+    ('cpu', (), CPU),
+    ('cuda', ('cuda', ), CUDA),
+    ('cuda:1', ('cuda', ), torch.device('cuda:1')),  # two GPUs
+    ('mps', ('mps', ), torch.device('mps')),
+    ('xpu:0', ('xpu', ), torch.device('xpu:0')),
+])
+def test_a_device_the_machine_has_is_taken_as_named(name, available, expected, monkeypatch):
+    backends(monkeypatch, *available, counts={'cuda': 2, 'xpu': 1})
+    assert precision.resolve_device(name) == expected
+
+
+def test_no_device_named_is_the_default_device(monkeypatch):
+    monkeypatch.setattr(precision, 'default_device', lambda: 'cpu')
+    assert precision.resolve_device(None) == CPU
+
+
+@pytest.mark.parametrize('name, available, message', [
+    ('cuda', (), '--device cuda: CUDA is not available on this machine (PyTorch '),
+    ('mps', ('cuda', ), '--device mps: MPS is not available on this machine (PyTorch '),
+    ('xpu', (), '--device xpu: XPU is not available on this machine (PyTorch '),
+    ('cuda:2', ('cuda', ), '--device cuda:2: this machine has 2 CUDA devices (cuda:0, cuda:1)'),
+    ('xpu:1', ('xpu', ), '--device xpu:1: this machine has 1 XPU device (xpu:0)'),
+    ('vulkan', ('vulkan', ), '--device vulkan: HAT runs on cpu, cuda, mps, xpu; use --device cpu'),
+    ('gpu', (), '--device gpu: '),  # torch's own message: the device types it knows
+])
+def test_a_device_the_machine_lacks_is_refused_with_what_to_use(name, available, message, monkeypatch):
+    backends(monkeypatch, *available, counts={'cuda': 2, 'xpu': 1})
+    with pytest.raises(ValueError) as error:
+        precision.resolve_device(name)
+    assert str(error.value).startswith(message)
+
+
+def test_the_backend_check_asks_torch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    assert precision._backend_available('cpu') and precision._backend_available('cuda')
+    assert not precision._backend_available('mps')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert not precision._backend_available('cuda')

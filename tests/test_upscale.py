@@ -26,6 +26,7 @@ from hat.archs.srvgg_arch import SRVGGNetCompact
 from hat.test import test_pipeline as run_test_pipeline
 from hat.archs.detect import build_from_checkpoint
 from hat.archs.hat_arch import RECONSTRUCTION_BAND, RECONSTRUCTION_HALO
+from hat.inference import precision as precision_policy
 from hat.inference.memory import MemoryModel, TensorPeakMemory, measure_peak_memory
 from hat.inference.upscaler import Upscaler, all_finite
 from hat.io.images import apply_exif_orientation
@@ -303,7 +304,22 @@ def test_bad_arguments_exit_with_status_2(nearest_checkpoint, mixed_folder, tmp_
     assert main([*common, '-m', str(nearest_checkpoint), '--device', 'cpu', '--precision', 'fp16']) == 2
     assert main(['-i', str(tmp_path / 'nowhere'), '-o', str(tmp_path / 'out'), '-m', str(nearest_checkpoint)]) == 2
     assert main([*common, '-m', str(nearest_checkpoint), '--tile', 'big']) == 2
+    for device in ('foo', 'vulkan', 'cuda:x'):  # torch does not parse it / HAT does not run there
+        assert main([*common, '-m', str(nearest_checkpoint), '--device', device]) == 2
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('device', ['cuda', 'cuda:0', 'mps', 'xpu'])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(device, nearest_checkpoint, mixed_folder,
+                                                                           tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(precision_policy, '_backend_available', lambda device_type: device_type == 'cpu')
+    out = tmp_path / 'out'
+    with caplog.at_level(logging.ERROR):
+        assert main(['-i', str(mixed_folder), '-o', str(out), '-m', str(nearest_checkpoint), '-q',
+                     '--device', device]) == 2
+    assert any(r.getMessage().startswith(f'--device {device}: ') and r.getMessage().endswith('use --device cpu')
+               for r in caplog.records)
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from hat.analysis import render
 from hat.analysis.loading import input_channels, load_model
-from hat.inference.precision import default_device
+from hat.inference.precision import resolve_device
 from hat.io.images import read_image_tensor
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def save_stage_images(args: argparse.Namespace) -> dict:
     """Load the model and the image of ``args``, hook the stages and write their images. Returns a summary."""
-    net = load_model(args.model, param_key=args.param_key, device=args.device or default_device())
+    net = load_model(args.model, param_key=args.param_key, device=resolve_device(args.device))
     image = read_image_tensor(args.image, channels=input_channels(net))
     stage_features = collect_features(net, image)
     files = save_features(stage_features, args.out, channels=args.channels)

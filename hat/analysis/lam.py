@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from hat.analysis import render
 from hat.analysis.loading import input_channels, load_model
-from hat.inference.precision import default_device
+from hat.inference.precision import resolve_device
 from hat.io.images import read_image_tensor
 
 logger = logging.getLogger(__name__)
@@ -328,8 +328,7 @@ def run_lam(model: str, args: argparse.Namespace, out_dir: str | Path) -> tuple[
 
     Returns (summary for JSON, the result, the LR image [C, H, W] as the network read it).
     """
-    device = args.device or default_device()
-    net = load_model(model, param_key=args.param_key, device=device)
+    net = load_model(model, param_key=args.param_key, device=resolve_device(args.device))
     image = read_image_tensor(args.image, channels=input_channels(net))
     window = Window(*args.window)
     result = local_attribution_map(net, image, window, sigma=args.sigma, fold=args.fold, kernel_size=args.kernel,

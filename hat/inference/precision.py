@@ -126,6 +126,47 @@ def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
+# The device types a run can be asked for, each with what tells whether this machine's PyTorch can use it.
+DEVICE_TYPES = ('cpu', 'cuda', 'mps', 'xpu')
+
+
+def _backend_available(device_type: str) -> bool:
+    if device_type == 'cpu':
+        return True
+    if device_type == 'mps':  # Apple GPUs; the module is absent from some builds
+        backend = getattr(torch.backends, 'mps', None)
+        return bool(backend is not None and backend.is_available())
+    module = getattr(torch, device_type, None)  # torch.cuda, torch.xpu
+    return bool(module is not None and module.is_available())
+
+
+def resolve_device(name: str | None, *, option: str = '--device') -> torch.device:
+    """The device a user asked for (``cuda``, ``cuda:1``, ``cpu``, ``mps``, ``xpu``), or :func:`default_device`'s
+    for None, checked before any model is built on it.
+
+    Raises:
+        ValueError: a name torch does not parse, a device type HAT does not run on, a device this machine's PyTorch
+            cannot use (CUDA without a GPU, MPS off Apple silicon), or a device index beyond the devices present;
+            each message starts with ``option`` and the name, and says what to use instead.
+    """
+    asked = f'{option} {name}'
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError as error:
+        raise ValueError(f'{asked}: {error}') from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f'{asked}: HAT runs on {", ".join(DEVICE_TYPES)}; use {option} cpu')
+    if not _backend_available(device.type):
+        raise ValueError(f'{asked}: {device.type.upper()} is not available on this machine (PyTorch '
+                         f'{torch.__version__}); use {option} cpu')
+    if device.type in ('cuda', 'xpu') and device.index is not None:
+        count = getattr(torch, device.type).device_count()
+        if device.index >= count:
+            raise ValueError(f'{asked}: this machine has {count} {device.type.upper()} device'
+                             f'{"" if count == 1 else "s"} ({", ".join(f"{device.type}:{i}" for i in range(count))})')
+    return device
+
+
 def cpu_description() -> str:
     """One line naming the CPU for benchmark tables and logs:
     ``AMD EPYC (family 25, model 17), 2 threads, torch capability AVX512, native bf16: yes (avx512_bf16)``."""
