@@ -246,15 +246,20 @@ def flops_by_kind(flops_by_op: dict[str, float]) -> dict[str, float]:
     return by_kind
 
 
+def step_row(name: str, calls: str, seconds: float, flop: float, *, total_s: float, rate: float | None) -> str:
+    """One Markdown row of a time breakdown: name, calls, seconds, share of ``total_s``, GFLOP, GFLOP/s and % of the
+    matrix-product ``rate`` (``-`` where there are no FLOPs or no rate)."""
+    share = seconds / total_s if total_s > 0 else 0.0
+    speed = flop / seconds / 1e9 if flop and seconds > 0 else None
+    gflops = '-' if speed is None else f'{speed:.0f}'
+    of_rate = '-' if speed is None or not rate else f'{100 * speed / rate:.0f}%'
+    return f'| {name} | {calls} | {seconds:.3f} | {100 * share:.0f}% | {flop / 1e9:.1f} | {gflops} | {of_rate} |'
+
+
 def table(result: StepProfile, flops: dict[str, float], rate: float | None) -> list[str]:
     """Markdown rows: one per kind of step, the rest, and the whole forward."""
     def row(name: str, calls: str, seconds: float, flop: float) -> str:
-        share = seconds / result.forward_s if result.forward_s > 0 else 0.0
-        speed = flop / seconds / 1e9 if flop and seconds > 0 else None
-        gflops = '-' if speed is None else f'{speed:.0f}'
-        of_rate = '-' if speed is None or not rate else f'{100 * speed / rate:.0f}%'
-        return (f'| {name} | {calls} | {seconds:.3f} | {100 * share:.0f}% | {flop / 1e9:.1f} | {gflops} | '
-                f'{of_rate} |')
+        return step_row(name, calls, seconds, flop, total_s=result.forward_s, rate=rate)
 
     lines = ['| step | calls per forward | seconds per forward | share of the forward | GFLOP | GFLOP/s | '
              '% of matmul rate |', '|---|---|---|---|---|---|---|']

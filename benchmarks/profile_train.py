@@ -56,6 +56,7 @@ import hat  # noqa: E402,F401  (compat shim before basicsr)
 from benchmarks.bench_inference import (VARIANTS, count_flops_by_op, load_average, machine_line,  # noqa: E402
                                         matmul_rates, network_config, peak_rate, publish)
 from benchmarks.bench_train import build_model, force_emulated_bf16, make_batch, step  # noqa: E402
+from benchmarks.profile_forward import step_row  # noqa: E402
 
 # Operators by kind: exact names, or name prefixes ending in '*'.
 OPERATOR_KINDS = {
@@ -160,21 +161,15 @@ def training_flops(cfg: dict, patch: int, batch: int) -> dict[str, float]:
 
 def table(result: IterationProfile, flops: dict[str, float], rate: float | None) -> list[str]:
     """Markdown rows: one per kind of operator, the time outside operators, and the profiled iteration."""
-    total = result.profiled_s
-
     def row(name: str, calls: str, seconds: float, flop: float) -> str:
-        share = seconds / total if total > 0 else 0.0
-        speed = flop / seconds / 1e9 if flop and seconds > 0 else None
-        gflops = '-' if speed is None else f'{speed:.0f}'
-        of_rate = '-' if speed is None or not rate else f'{100 * speed / rate:.0f}%'
-        return f'| {name} | {calls} | {seconds:.3f} | {100 * share:.0f}% | {flop / 1e9:.1f} | {gflops} | {of_rate} |'
+        return step_row(name, calls, seconds, flop, total_s=result.profiled_s, rate=rate)
 
     lines = ['| kind | calls | seconds | share of the iteration | GFLOP | GFLOP/s | % of matmul rate |',
              '|---|---|---|---|---|---|---|']
     for kind in KINDS:
         lines.append(row(kind, str(result.calls[kind]), result.seconds[kind], flops.get(kind, 0.0)))
     lines.append(row('outside operators', '-', result.outside_s, 0.0))
-    lines.append(row('**iteration** (profiled)', '1', total, sum(flops.values())))
+    lines.append(row('**iteration** (profiled)', '1', result.profiled_s, sum(flops.values())))
     return lines
 
 

@@ -140,25 +140,25 @@ def _backend_available(device_type: str) -> bool:
     return bool(module is not None and module.is_available())
 
 
-def resolve_device(name: str | None, *, option: str = '--device') -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
     """The device a user asked for (``cuda``, ``cuda:1``, ``cpu``, ``mps``, ``xpu``), or :func:`default_device`'s
     for None, checked before any model is built on it.
 
     Raises:
         ValueError: a name torch does not parse, a device type HAT does not run on, a device this machine's PyTorch
             cannot use (CUDA without a GPU, MPS off Apple silicon), or a device index beyond the devices present;
-            each message starts with ``option`` and the name, and says what to use instead.
+            each message starts with ``--device`` and the name, and says what to use instead.
     """
-    asked = f'{option} {name}'
+    asked = f'--device {name}'
     try:
         device = torch.device(name or default_device())
     except RuntimeError as error:
         raise ValueError(f'{asked}: {error}') from None
     if device.type not in DEVICE_TYPES:
-        raise ValueError(f'{asked}: HAT runs on {", ".join(DEVICE_TYPES)}; use {option} cpu')
+        raise ValueError(f'{asked}: HAT runs on {", ".join(DEVICE_TYPES)}; use --device cpu')
     if not _backend_available(device.type):
         raise ValueError(f'{asked}: {device.type.upper()} is not available on this machine (PyTorch '
-                         f'{torch.__version__}); use {option} cpu')
+                         f'{torch.__version__}); use --device cpu')
     if device.type in ('cuda', 'xpu') and device.index is not None:
         count = getattr(torch, device.type).device_count()
         if device.index >= count:
