@@ -336,21 +336,47 @@ def test_row_chunks_are_larger_where_onednn_multiplies():
     assert result.stdout.split() == ['mkl', '1024']
 
 
-@pytest.mark.parametrize('capability, vendor, library', [
-    ('AVX512', 'AuthenticAMD', 'onednn'), ('AVX512_BF16', 'AuthenticAMD', 'onednn'),  # Zen 4, Zen 5
-    ('AVX512', 'GenuineIntel', 'mkl'), ('AVX512_BF16', 'GenuineIntel', 'mkl'),  # Intel: MKL is at home
-    ('AVX2', 'AuthenticAMD', 'mkl'), ('AVX2', 'GenuineIntel', 'mkl'), ('DEFAULT', '', 'mkl'),
-    ('AVX512', '', 'mkl'),  # an unknown vendor: PyTorch's own choice
+AVX512_FLAGS = 'avx2 avx512f avx512bw avx512vl'
+
+
+@pytest.mark.parametrize('capability, vendor, flags, library', [
+    ('AVX512', 'AuthenticAMD', AVX512_FLAGS, 'onednn'),  # Zen 4, Zen 5
+    ('AVX512_BF16', 'AuthenticAMD', f'{AVX512_FLAGS} avx512_bf16', 'onednn'),
+    ('AVX512', 'GenuineIntel', AVX512_FLAGS, 'onednn'),  # Ice Lake and earlier: oneDNN measured faster
+    ('AVX512', 'GenuineIntel', f'{AVX512_FLAGS} avx512_bf16 avx512_fp16', 'mkl'),  # Sapphire Rapids: MKL
+    ('AVX512_BF16', 'GenuineIntel', f'{AVX512_FLAGS} amx_bf16', 'mkl'),
+    ('AVX512', 'GenuineIntel', '', 'mkl'),  # flags unknown (not Linux): PyTorch's own choice
+    ('AVX2', 'AuthenticAMD', 'avx2', 'mkl'), ('AVX2', 'GenuineIntel', 'avx2', 'mkl'), ('DEFAULT', '', '', 'mkl'),
+    ('AVX512', '', AVX512_FLAGS, 'mkl'),  # an unknown vendor: PyTorch's own choice
 ])
-def test_product_library_follows_the_cpu(monkeypatch, capability, vendor, library):
+def test_product_library_follows_the_cpu(monkeypatch, capability, vendor, flags, library):
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
     monkeypatch.setattr(linear_module, 'cpu_vendor', lambda: vendor)
+    monkeypatch.setattr(linear_module, 'cpu_flags', lambda: frozenset(flags.split()))
     monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', True)
-    linear_module.cpu_product_library.cache_clear()
+    linear_module.detected_product_library.cache_clear()
     try:
         assert linear_module.cpu_product_library() == library
     finally:
-        linear_module.cpu_product_library.cache_clear()
+        linear_module.detected_product_library.cache_clear()
+
+
+@pytest.mark.parametrize('setting, capability, expected', [
+    ('mkl', 'AVX512', 'mkl'), ('onednn', 'AVX512', 'onednn'), ('mkl', 'AVX2', 'mkl'),
+    ('onednn', 'AVX2', "'onednn' needs a PyTorch running AVX-512"), ('blas', 'AVX512', "'blas': use 'auto'"),
+])
+def test_product_library_can_be_set_for_a_comparison(monkeypatch, setting, capability, expected):
+    """PRODUCT_LIBRARY overrides the detection (whatever the vendor), at each call; oneDNN only where it runs
+    AVX-512, and an unknown name is refused with the names to use."""
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    monkeypatch.setattr(linear_module, 'cpu_vendor', lambda: 'GenuineIntel')
+    monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', True)
+    monkeypatch.setattr(linear_module, 'PRODUCT_LIBRARY', setting)
+    if expected in ('mkl', 'onednn'):
+        assert linear_module.cpu_product_library() == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            linear_module.cpu_product_library()
 
 
 @pytest.mark.parametrize('capability, vendor, library', [
@@ -361,16 +387,16 @@ def test_fresh_products_take_onednn_wherever_it_runs_avx512(monkeypatch, capabil
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
     monkeypatch.setattr(linear_module, 'cpu_vendor', lambda: vendor)
     monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', True)
-    for cached in (linear_module.cpu_product_library, linear_module.fresh_product_library):
+    for cached in (linear_module.detected_product_library, linear_module.fresh_product_library):
         cached.cache_clear()
     try:
         assert linear_module.fresh_product_library() == library
         monkeypatch.setattr(linear_module, '_ONEDNN_LINEAR', False)  # a PyTorch without oneDNN's linear
         linear_module.fresh_product_library.cache_clear()
-        linear_module.cpu_product_library.cache_clear()
+        linear_module.detected_product_library.cache_clear()
         assert linear_module.fresh_product_library() == 'mkl'
     finally:
-        for cached in (linear_module.cpu_product_library, linear_module.fresh_product_library):
+        for cached in (linear_module.detected_product_library, linear_module.fresh_product_library):
             cached.cache_clear()
 
 

@@ -6,7 +6,8 @@ Two interchangeable paths compute ``softmax(q k^T * scale + mask) v``:
   mask shared by all windows, and the kernel is chosen for the device and precision:
   ``scaled_dot_product_attention`` (on the CPU: its flash kernel, which never materialises the attention map) for
   fp32 inference and on CUDA; one fused oneDNN Graph kernel (:mod:`hat.archs.onednn_graph`) for bf16 inference on
-  a CPU with native bf16 and for fp32 inference where the CPU's fp32 products run on oneDNN (AMD's AVX-512 CPUs);
+  a CPU with native bf16 and for fp32 inference where the CPU's fp32 products run on oneDNN (AMD's AVX-512 CPUs,
+  Intel's without bf16);
   :func:`chunked_attention` (explicit products over a few windows at a time) for the rest of bf16/fp16 and for
   training on the CPU, where it is the faster of the two (in bf16 training with native bf16, its forward is the
   fused kernel and its backward recomputes the weights).

@@ -174,7 +174,8 @@ class HeadAttention(nn.Module):
         :data:`HEAD_ALIGNMENT` (HAT's 30 -> 32), for the fused attention kernels that want such heads:
 
         * PyTorch's CPU flash kernel (fp32 inference): about 20% faster (Zen 3, 2 threads). Not where oneDNN Graph's
-          fused kernel serves fp32 inference instead (:func:`hat.archs.onednn_graph.available`; AMD's AVX-512 CPUs):
+          fused kernel serves fp32 inference instead (:func:`hat.archs.onednn_graph.available`; AMD's AVX-512 CPUs,
+          Intel's without bf16):
           there HAT x4's forward at 128x128 was 3.2% faster with heads of 30 (Zen 4, 2 threads, 11 of 12 alternated
           rounds), the extra channels being work that this kernel does not recover.
         * CUDA: the kernels that take an additive mask (memory-efficient attention, cuDNN) need a head size that is a
@@ -239,7 +240,7 @@ class HeadAttention(nn.Module):
         """How many windows of queries one chunk of :meth:`attends_in_chunks` holds, for input tokens ``x``.
 
         :data:`~hat.archs.linear.ROW_CHUNK` query tokens, the rows of one product chunk, except where oneDNN Graph's
-        fused kernel serves the chunks' dtype (:func:`hat.archs.onednn_graph.available`; fp32 on AMD's AVX-512 CPUs,
+        fused kernel serves the chunks' dtype (:func:`hat.archs.onednn_graph.available`; fp32 where oneDNN multiplies,
         bf16 where it is native): there up to :data:`FUSED_CHUNK_ROWS`, as long as the call's largest buffer
         (``buffer_per_window`` elements per window in the products' dtype) stays within :data:`CALL_BUFFER_BYTES`.
         That kernel ran the same 64 windows of HAT's attention 1.16-1.19x faster in calls of 32 or 64 windows than in

@@ -6,10 +6,13 @@ weight (C = 144 or 180). On the CPU, in fp32, two things decide the speed of suc
 * the library. PyTorch sends fp32 products to MKL, which on AMD processors takes a code path that reaches under half
   of what oneDNN's AVX-512 kernels reach (one Zen 5 core, [4096, 180] x [180, 540]: 95 against 225 GFLOP/s; two Zen 4
   cores: 117 against 192). Where PyTorch runs AVX2 kernels, MKL is as fast or faster (Zen 3, 2 threads: 135 against
-  117 GFLOP/s for row chunks of the qkv product), and on Intel's AVX-512 processors it is too: forward products
-  alike, and a HAT-S training iteration 25% faster (Xeon, 2 threads), as MKL takes the transposed operands of the
-  weight gradients in place where oneDNN's linear needs them copied. :func:`cpu_product_library` picks oneDNN for
-  AMD's AVX-512 CPUs (their weight gradients excepted, see :class:`_OneDNNLinear`) and MKL otherwise. Products into
+  117 GFLOP/s for row chunks of the qkv product), and on Intel's AVX-512 processors with bf16 instructions (a
+  Sapphire Rapids Xeon, 2 threads) it was too: forward products alike, and a HAT-S training iteration 25% faster,
+  as MKL takes the transposed operands of the weight gradients in place where oneDNN's linear needed them copied.
+  On an Ice Lake Xeon (AVX-512 without bf16, 2 threads) oneDNN, with its chunks of 2048 rows and its fused fp32
+  attention, made HAT x4's forward at 128x128 8.5-9.5% faster (17 of 18 alternated rounds) and training the same
+  (0.995). :func:`cpu_product_library` picks oneDNN for AMD's AVX-512 CPUs and Intel's without bf16 (their weight
+  gradients excepted, see :class:`_OneDNNLinear`) and MKL otherwise. Products into
   a new tensor without autograd (the qkv, q and output projections, fc1 with its GELU) go to oneDNN on every AVX-512
   CPU (:func:`fresh_product_library`): it adds the bias and applies the GELU while the product is in registers,
   where MKL's addmm first copies the bias into the output and GELU takes one more pass (Xeon, 2 threads, row chunks:
@@ -19,7 +22,7 @@ weight (C = 144 or 180). On the CPU, in fp32, two things decide the speed of suc
   chunk's input and output stay in cache. Without autograd the products run in chunks of :data:`ROW_CHUNK` rows
   (except a product into a new tensor where oneDNN multiplies: one call, see :func:`chunked_linear`), and the MLP
   runs fc1, GELU and fc2 on one chunk before the next, so that its hidden map (twice the width of the tokens) never
-  exists in full. Where oneDNN multiplies (AMD's AVX-512 CPUs) chunks of 2048 rows were the faster:
+  exists in full. Where oneDNN multiplies chunks of 2048 rows were the faster:
   HAT x4's forward at 128x128 on a Zen 4 (2 threads), against 1024, fp32 2.6% faster (all 8 alternated rounds, each
   setting in a process of its own), bf16 2.9% (median of 8); 4096 no faster than 2048 (0.993). Re-checked in one
   process once attention calls had grown beyond one chunk (fp32, 10 rounds each): 1024 3.5% slower, 4096 the same.
@@ -40,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from hat.archs.window import compiling
-from hat.utils.cpu import cpu_vendor
+from hat.utils.cpu import cpu_flags, cpu_vendor
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
@@ -50,11 +53,36 @@ def _onednn_avx512() -> bool:
     return _ONEDNN_LINEAR and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
+# The fp32 product library: 'auto' (:func:`detected_product_library`), or 'onednn' / 'mkl' to compare the two on a
+# new machine (benchmarks/alternate.py --set; 'onednn' needs AVX-512 and oneDNN's linear operator). Read at each call.
+PRODUCT_LIBRARY = 'auto'
+
+
+# Intel CPUs with these features (Sapphire Rapids and later) were measured faster or as fast with MKL.
+_INTEL_MKL_FLAGS = frozenset({'avx512_bf16', 'amx_bf16'})
+
+
 @functools.lru_cache(maxsize=1)
+def detected_product_library() -> str:
+    """Where PyTorch runs AVX-512 kernels (and has oneDNN): ``'onednn'`` on AMD CPUs and on Intel CPUs whose flags
+    are known and show no bf16 instructions (Ice Lake and earlier), else ``'mkl'`` (PyTorch's own choice)."""
+    if not _onednn_avx512():
+        return 'mkl'
+    vendor, flags = cpu_vendor(), cpu_flags()
+    if vendor == 'AuthenticAMD' or (vendor == 'GenuineIntel' and flags and not flags & _INTEL_MKL_FLAGS):
+        return 'onednn'
+    return 'mkl'
+
+
 def cpu_product_library() -> str:
-    """``'onednn'`` where PyTorch runs AVX-512 kernels on an AMD CPU (and has oneDNN), else ``'mkl'`` (PyTorch's own
-    choice)."""
-    return 'onednn' if _onednn_avx512() and cpu_vendor() == 'AuthenticAMD' else 'mkl'
+    """The library of fp32 products on the CPU: :data:`PRODUCT_LIBRARY` where set, else the detected one."""
+    if PRODUCT_LIBRARY == 'auto':
+        return detected_product_library()
+    if PRODUCT_LIBRARY == 'onednn' and not _onednn_avx512():
+        raise ValueError("PRODUCT_LIBRARY = 'onednn' needs a PyTorch running AVX-512 kernels with oneDNN's linear")
+    if PRODUCT_LIBRARY not in ('onednn', 'mkl'):
+        raise ValueError(f"PRODUCT_LIBRARY = {PRODUCT_LIBRARY!r}: use 'auto', 'onednn' or 'mkl'")
+    return PRODUCT_LIBRARY
 
 
 # Rows per product without autograd (see the module doc); also the query tokens of one chunk of window attention

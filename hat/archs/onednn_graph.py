@@ -1,5 +1,5 @@
 """Attention on the CPU as one fused oneDNN Graph partition: bf16 inference and the forward of bf16 training where
-bf16 is native, and fp32 inference on AMD's AVX-512 CPUs.
+bf16 is native, and fp32 inference on AMD's AVX-512 CPUs and Intel's without bf16.
 
 oneDNN's graph API recognises ``softmax(q k^T * scale + mask) v`` and runs it as one kernel that keeps each block
 of logits in cache between its two products and runs them on the CPU's bf16 instructions (AVX512-BF16, AMX).
@@ -11,12 +11,12 @@ faster nor slower. bf16 takes this path only where the CPU computes bf16 nativel
 would too). bf16 training runs its attention's forward here too, its backward recomputing the weights
 (:class:`~hat.archs.attention._ChunkedAttention`).
 
-fp32 inference takes it where the CPU's fp32 products run on oneDNN (:func:`hat.archs.linear.cpu_product_library`:
-AMD's AVX-512 CPUs): PyTorch's flash kernel multiplies its blocks with MKL, which takes a slower code path on AMD
-processors. Zen 4 (2 threads), 4 windows x 6 heads of 32 channels: 126-131 against 93-99 GFLOP/s for the flash
-kernel; HAT x4's fp32 forward at 128x128 5.89 against 6.24 s (medians of 12 alternated rounds, each setting in a
-process of its own; outputs within 4.8e-7). oneDNN's fp32 softmax rounds differently: about 1e-6 from the flash
-kernel per attention with random inputs.
+fp32 inference takes it where the CPU's fp32 products run on oneDNN (:func:`hat.archs.linear.cpu_product_library`: AMD's
+AVX-512 CPUs, Intel's without bf16): PyTorch's flash kernel multiplies its blocks with MKL, which takes a slower code
+path on AMD processors. Zen 4 (2 threads), 4 windows x 6 heads of 32 channels: 126-131 against 93-99 GFLOP/s for the
+flash kernel; HAT x4's fp32 forward at 128x128 5.89 against 6.24 s (medians of 12 alternated rounds, each setting in a
+process of its own; outputs within 4.8e-7). oneDNN's fp32 softmax rounds differently: about 1e-6 from the flash kernel
+per attention with random inputs.
 
 TorchScript is deprecated: the path is feature-detected, its FutureWarnings are silenced, and any failure (tracing,
 an API gone from a later PyTorch) turns it off for the process with one warning; callers then run the chunked
@@ -68,7 +68,7 @@ def native_bf16_products() -> bool:
 
 def onednn_fp32_products() -> bool:
     """Whether this CPU's fp32 products run on oneDNN rather than MKL (:func:`hat.archs.linear.cpu_product_library`:
-    AMD's AVX-512 CPUs)."""
+    AMD's AVX-512 CPUs, Intel's without bf16)."""
     from hat.archs.linear import cpu_product_library
     return cpu_product_library() == 'onednn'
 
