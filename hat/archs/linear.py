@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from hat.archs.window import compiling
-from hat.utils.cpu import cpu_flags, cpu_vendor
+from hat.utils.cpu import X86_BF16_FLAGS, cpu_flags, cpu_vendor
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
@@ -54,22 +54,20 @@ def _onednn_avx512() -> bool:
 
 
 # The fp32 product library: 'auto' (:func:`detected_product_library`), or 'onednn' / 'mkl' to compare the two on a
-# new machine (benchmarks/alternate.py --set; 'onednn' needs AVX-512 and oneDNN's linear operator). Read at each call.
+# new machine (benchmarks/alternate.py --set; 'onednn' needs AVX-512 and oneDNN's linear operator). Read at each call;
+# :data:`ROW_CHUNK` follows the library at import only, so a comparison sets it too (2048 for oneDNN, 1024 for MKL).
 PRODUCT_LIBRARY = 'auto'
-
-
-# Intel CPUs with these features (Sapphire Rapids and later) were measured faster or as fast with MKL.
-_INTEL_MKL_FLAGS = frozenset({'avx512_bf16', 'amx_bf16'})
 
 
 @functools.lru_cache(maxsize=1)
 def detected_product_library() -> str:
     """Where PyTorch runs AVX-512 kernels (and has oneDNN): ``'onednn'`` on AMD CPUs and on Intel CPUs whose flags
-    are known and show no bf16 instructions (Ice Lake and earlier), else ``'mkl'`` (PyTorch's own choice)."""
+    are known and show no bf16 instructions (Ice Lake and earlier), else ``'mkl'`` (PyTorch's own choice): on
+    Intel CPUs with bf16 instructions (a Sapphire Rapids) MKL was measured as fast or faster."""
     if not _onednn_avx512():
         return 'mkl'
     vendor, flags = cpu_vendor(), cpu_flags()
-    if vendor == 'AuthenticAMD' or (vendor == 'GenuineIntel' and flags and not flags & _INTEL_MKL_FLAGS):
+    if vendor == 'AuthenticAMD' or (vendor == 'GenuineIntel' and flags and flags.isdisjoint(X86_BF16_FLAGS)):
         return 'onednn'
     return 'mkl'
 

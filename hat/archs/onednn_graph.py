@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from hat.utils.cpu import X86_BF16_FLAGS
+
 MAX_SPECIALISATIONS = 32
 # False: bf16 attention runs chunked everywhere (to compare the two: ``benchmarks/alternate.py --precision bf16
 # --set hat.archs.onednn_graph.ENABLED=False``) and fp32 attention on PyTorch's flash kernel.
@@ -62,7 +64,7 @@ class _AttentionPattern(nn.Module):
 def native_bf16_products() -> bool:
     """Whether oneDNN runs bf16 products on this CPU's own bf16 instructions: the precision policy's detection
     (:func:`hat.inference.precision.native_cpu_bf16`), x86's AVX512-BF16 or AMX only (the fused kernel is x86's)."""
-    from hat.inference.precision import X86_BF16_FLAGS, native_cpu_bf16  # here: hat.inference imports hat.archs
+    from hat.inference.precision import native_cpu_bf16  # here: hat.inference imports hat.archs
     return native_cpu_bf16() in X86_BF16_FLAGS
 
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from hat.utils.cpu import cpu_family_model, cpu_flags, cpu_model
+from hat.utils.cpu import X86_BF16_FLAGS, cpu_family_model, cpu_flags, cpu_model
 
 logger = logging.getLogger('basicsr')
 
@@ -39,8 +39,6 @@ PRECISION_CHOICES = ('auto', 'fp32', 'bf16', 'fp16')
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # Set to 1 to run an explicit bf16 request even where the CPU emulates bf16.
 FORCE_BF16_ENV = 'HAT_FORCE_BF16'
-# x86 /proc/cpuinfo flags that mean native bf16 arithmetic.
-X86_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 
 # ``auto`` runs bf16 on a CPU only where a bf16 product measured at least this many times as fast as an fp32 one:
 # bf16 autocast adds casts around every product, so an even rate would make HAT slower than in fp32.

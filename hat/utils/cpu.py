@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 
 VENDORS = ('GenuineIntel', 'AuthenticAMD')
+# x86 /proc/cpuinfo flags that mean native bf16 arithmetic.
+X86_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 
 
 @functools.lru_cache(maxsize=1)
