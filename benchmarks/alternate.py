@@ -9,7 +9,9 @@ changes make, and a kernel timed alone on data that stays in cache has been no g
 model runs one input with setting A (the constants as they are) and setting B (``--set``) in turn: each round times
 one run of each, A first in even rounds and B first in odd ones, and the ratio of the two runs of a round cancels
 most of the machine's drift. The report gives each setting's median, the rounds' ratios A/B and their median (above
-1: B is faster), and for inference the largest difference between the two outputs.
+1: B is faster), how many rounds B won and a 90% interval of the median ratio from the rounds' order statistics (the
+sign test's: no assumption on how the machine's noise is distributed), which says whether the rounds show a
+difference at all, and for inference the largest difference between the two outputs.
 
 A run is one forward without autograd (``--task inference``, fp32 or under bf16 autocast, random weights, the
 benchmark image of bench_inference) or one training iteration of HATModel (``--task train``, as bench_train's fp32
@@ -40,6 +42,7 @@ import contextlib
 import importlib
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -242,6 +245,39 @@ def _check_workers(pool: WorkerPool, env: dict[str, str], settings: Sequence[Set
             raise RuntimeError(f'setting {label}: its process sees {ready["constants"]}, not {constants}')
 
 
+def median_interval(ratios: Sequence[float], coverage: float = 0.9) -> tuple[float, float] | None:
+    """A distribution-free interval that holds the median of the rounds' ratio with at least ``coverage``
+    probability: the k-th smallest and k-th largest ratio for the largest k where the binomial distribution of the
+    rounds above the median allows it (the sign test's interval; the rounds taken as independent). None when there
+    are too few rounds (fewer than 5 for 90%)."""
+    ordered, n = sorted(ratios), len(ratios)
+    best = None
+    for k in range(1, n // 2 + 1):
+        below = sum(math.comb(n, i) for i in range(k)) / 2**n  # P(fewer than k rounds below the median)
+        if 1 - 2 * below < coverage:
+            break
+        best = (ordered[k - 1], ordered[n - k])
+    return best
+
+
+def ratio_evidence(ratios: Sequence[float]) -> str:
+    """How many rounds B won and whether the rounds show a difference: the 90% interval of :func:`median_interval`
+    and whether it excludes 1."""
+    wins = sum(r > 1 for r in ratios)
+    said = f'B faster in {wins} of {len(ratios)} rounds'
+    interval = median_interval(ratios)
+    if interval is None:
+        return said + '; too few rounds for a 90% interval of the median ratio.'
+    low, high = interval
+    if low > 1:
+        conclusion = 'B is faster'
+    elif high < 1:
+        conclusion = 'A is faster'
+    else:
+        conclusion = 'no difference shown'
+    return f'{said}; median ratio within {low:.3f}-{high:.3f} with 90% confidence: {conclusion}.'
+
+
 def report(args: argparse.Namespace, a: Sequence[float], b: Sequence[float], outputs: Sequence,
            device: torch.device) -> list[str]:
     ratios = [x / y for x, y in zip(a, b)]
@@ -261,7 +297,7 @@ def report(args: argparse.Namespace, a: Sequence[float], b: Sequence[float], out
     lines += [f'| **median** | {statistics.median(a):.3f} | {statistics.median(b):.3f} | '
               f'**{statistics.median(ratios):.3f}** |', '']
     verdict = (f'Median ratio {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}): '
-               'above 1, B is faster.')
+               f'above 1, B is faster. {ratio_evidence(ratios)}')
     if args.task == 'inference' and all(o is not None for o in outputs):
         verdict += f' Largest difference between the outputs of A and B: {(outputs[0] - outputs[1]).abs().max():.2e}.'
     return lines + [verdict]

@@ -264,6 +264,22 @@ def test_alternate_needs_a_setting_b_and_well_formed_variables(capsys):
     assert alternate.parse_args([*TINY_ALTERNATE, '--env', 'A_B=x=1']).env == [('A_B', 'x=1')]
 
 
+def test_alternate_says_whether_the_rounds_show_a_difference():
+    """The sign test's interval of the median ratio: with 8 rounds it runs from the 2nd smallest ratio to the 2nd
+    largest (coverage 1 - 2 * 9/256 = 0.93; the 3rd would give 0.71); 4 rounds are too few for 90%."""
+    ratios = [1.30, 0.95, 1.10, 1.02, 1.07, 1.04, 0.99, 1.12]
+    assert alternate.median_interval(ratios) == (0.99, 1.12)
+    assert alternate.median_interval(ratios[:5]) == (0.95, 1.30)  # 1 - 2/32: the extremes
+    assert alternate.median_interval(ratios[:4]) is None
+    assert alternate.ratio_evidence(ratios) == ('B faster in 6 of 8 rounds; median ratio within 0.990-1.120 with 90% '
+                                                'confidence: no difference shown.')
+    assert alternate.ratio_evidence([r + 0.05 for r in ratios]).endswith('within 1.040-1.170 with 90% confidence: '
+                                                                          'B is faster.')
+    assert alternate.ratio_evidence([0.9] * 6).startswith('B faster in 0 of 6 rounds')
+    assert alternate.ratio_evidence([0.9] * 6).endswith('A is faster.')
+    assert 'too few rounds' in alternate.ratio_evidence([1.2, 1.3])
+
+
 def test_alternate_worker_b_runs_with_the_constants_set(monkeypatch, tmp_path):
     """In-process: worker B's set-up sets the --set constants for good (restored here by monkeypatch), reports what
     it sees, and a request with an output file gets the forward's output written there."""
