@@ -190,7 +190,8 @@ class _ChunkedAttention(torch.autograd.Function):
         # A shared mask's gradient is the sum of every window's logit gradient, accumulated in fp32. In fp32 each
         # chunk's windows are summed into it by one product with a row of ones, which reads the accumulator once per
         # chunk instead of once per window (5 windows of [6, 256, 256]: 0.29 against 0.49 ms; the backward of HAT-S's
-        # window attention at batch 4, 48x48, 1.19x faster, of its OCAB 1.06x, same sums; Ice Lake, 2 threads).
+        # window attention and of its OCAB at batch 4, 48x48, both 1.04x faster, the same sums; Ice Lake, 2 threads,
+        # the heap settled as in training after its first iterations: no page faults).
         # In bf16 one window at a time: PyTorch's sum over the windows (the outer dimension) ran 2-5x slower than
         # these adds (Zen 4, 2 threads) and rounded the sum to bf16 at every chunk, and a product needs one dtype.
         grad_mask = (q.new_zeros(ctx.mask_shape[1:], dtype=torch.float32) if shared_mask
@@ -203,9 +204,9 @@ class _ChunkedAttention(torch.autograd.Function):
             # bf16 (Zen 4, 2 threads, heads of 24), more than the copy of the small result costs.
             _fold(grad_v[part]).copy_(torch.bmm(d_out.transpose(1, 2), p).transpose(1, 2))
             # The softmax's backward in place over dP = dO V^T (row by row it reads all of a row before it writes
-            # it): no second [w * heads, Nq, Nk] buffer, and the backward of HAT-S's window attention at batch 4,
-            # 48x48, ran 1.18x faster, its OCAB's 1.07x, same results (Ice Lake, 2 threads; the tests compare the
-            # gradients with autograd's). In place in the forward, the softmax ran 0.91-0.93x as fast: not there.
+            # it): no second [w * heads, Nq, Nk] buffer, and the backward of HAT-S's window attention and of its OCAB
+            # at batch 4, 48x48, ran 1.05x faster, the same results (Ice Lake, 2 threads, settled heap; the tests
+            # compare the gradients with autograd's). In place in the forward, the softmax was slower (0.91-0.93x).
             d_logits = torch.bmm(d_out, _fold(v[part]).transpose(1, 2))
             torch.ops.aten._softmax_backward_data.out(d_logits, p, -1, p.dtype, grad_input=d_logits)
             per_window = d_logits.view(*q[part].shape[:-1], -1)
