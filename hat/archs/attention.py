@@ -187,16 +187,9 @@ class _ChunkedAttention(torch.autograd.Function):
             weights = (_attention_weights(q[part], k[part], attn_mask, part, scale) for part in _chunks(q, k))
         grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        # A shared mask's gradient is the sum of every window's logit gradient, accumulated in fp32. In fp32 each
-        # chunk's windows are summed into it by one product with a row of ones, which reads the accumulator once per
-        # chunk instead of once per window (5 windows of [6, 256, 256]: 0.29 against 0.49 ms; the backward of HAT-S's
-        # window attention and of its OCAB at batch 4, 48x48, both 1.04x faster, the same sums; Ice Lake, 2 threads,
-        # the heap settled as in training after its first iterations: no page faults).
-        # In bf16 one window at a time: PyTorch's sum over the windows (the outer dimension) ran 2-5x slower than
-        # these adds (Zen 4, 2 threads) and rounded the sum to bf16 at every chunk, and a product needs one dtype.
+        # A shared mask's gradient is the sum of every window's logit gradient, accumulated in fp32.
         grad_mask = (q.new_zeros(ctx.mask_shape[1:], dtype=torch.float32) if shared_mask
                      else q.new_empty(ctx.mask_shape))
-        sums_by_product = shared_mask and q.dtype == torch.float32
         for part, p in zip(_chunks(q, k), weights):
             d_out = _fold(grad_out[part])
             # dV and dK are computed transposed (dO^T P and Q^T dS, [w * heads, d, Nk]) and copied into place: a
@@ -210,12 +203,8 @@ class _ChunkedAttention(torch.autograd.Function):
             d_logits = torch.bmm(d_out, _fold(v[part]).transpose(1, 2))
             torch.ops.aten._softmax_backward_data.out(d_logits, p, -1, p.dtype, grad_input=d_logits)
             per_window = d_logits.view(*q[part].shape[:-1], -1)
-            if sums_by_product:  # grad_mask += ones[1, w] @ per_window [w, heads * Nq * Nk]
-                windows_in_chunk = per_window.shape[0]
-                grad_mask.view(1, -1).addmm_(q.new_ones(1, windows_in_chunk), per_window.view(windows_in_chunk, -1))
-            elif shared_mask:
-                for window_grad in per_window:
-                    grad_mask.add_(window_grad)
+            if shared_mask:
+                _add_window_sum(grad_mask, per_window)
             else:
                 grad_mask[part] = per_window
             torch.bmm(d_logits, _fold(k[part]), out=_fold(grad_q[part])).mul_(scale)
@@ -224,6 +213,25 @@ class _ChunkedAttention(torch.autograd.Function):
         if shared_mask:
             grad_mask = grad_mask.to(q.dtype).view(ctx.mask_shape)
         return grad_q, grad_k, grad_v, grad_mask, None
+
+
+def _add_window_sum(total: Tensor, per_window: Tensor) -> None:
+    """``total += per_window.sum(0)``: a chunk's logit gradients [w, heads, Nq, Nk] summed over its windows into
+    the fp32 gradient [heads, Nq, Nk] of a mask that all windows share.
+
+    In fp32, one product with a row of ones, which reads ``total`` once per chunk instead of once per window (5
+    windows of [6, 256, 256]: 0.29 against 0.49 ms; the backward of HAT-S's window attention and of its OCAB at
+    batch 4, 48x48, both 1.04x faster, the same sums; Ice Lake, 2 threads, the heap settled as in training after its
+    first iterations). In bf16 one window at a time: PyTorch's sum over the windows (the outer dimension) ran 2-5x
+    slower than these additions (Zen 4, 2 threads) and rounded the sum to bf16 at every chunk, and a product takes
+    operands of one dtype.
+    """
+    if per_window.dtype == torch.float32:
+        windows = per_window.shape[0]
+        total.view(1, -1).addmm_(per_window.new_ones(1, windows), per_window.view(windows, -1))
+    else:
+        for window_grad in per_window:
+            total.add_(window_grad)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0,
