@@ -199,7 +199,8 @@ class _ChunkedAttention(torch.autograd.Function):
             # The softmax's backward in place over dP = dO V^T (row by row it reads all of a row before it writes
             # it): no second [w * heads, Nq, Nk] buffer, and the backward of HAT-S's window attention and of its OCAB
             # at batch 4, 48x48, ran 1.05x faster, the same results (Ice Lake, 2 threads, settled heap; the tests
-            # compare the gradients with autograd's). In place in the forward, the softmax was slower (0.91-0.93x).
+            # compare the gradients with autograd's). In place in the forward, the softmax was slower (0.91-0.93x,
+            # glibc's default heap).
             d_logits = torch.bmm(d_out, _fold(v[part]).transpose(1, 2))
             torch.ops.aten._softmax_backward_data.out(d_logits, p, -1, p.dtype, grad_input=d_logits)
             per_window = d_logits.view(*q[part].shape[:-1], -1)
@@ -222,9 +223,9 @@ def _add_window_sum(total: Tensor, per_window: Tensor) -> None:
     In fp32, one product with a row of ones, which reads ``total`` once per chunk instead of once per window (5
     windows of [6, 256, 256]: 0.29 against 0.49 ms; the backward of HAT-S's window attention and of its OCAB at
     batch 4, 48x48, both 1.04x faster, the same sums; Ice Lake, 2 threads, the heap settled as in training after its
-    first iterations). In bf16 one window at a time: PyTorch's sum over the windows (the outer dimension) ran 2-5x
-    slower than these additions (Zen 4, 2 threads) and rounded the sum to bf16 at every chunk, and a product takes
-    operands of one dtype.
+    first iterations). In bf16 and fp16 one window at a time: PyTorch's sum over the windows (the outer dimension)
+    ran 2-5x slower than these additions in bf16 (Zen 4, 2 threads) and rounded the sum to it at every chunk, and a
+    product takes operands of one dtype.
     """
     if per_window.dtype == torch.float32:
         windows = per_window.shape[0]
