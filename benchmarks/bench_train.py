@@ -5,7 +5,8 @@
 
 Each mode is a real ``HATModel`` built from options, and one iteration is ``optimize_parameters``: forward, L1 loss,
 backward, Adam step and EMA update (the settings of the official training files: Adam lr 2e-4, betas 0.9/0.99,
-EMA 0.999). Modes (``--modes``):
+EMA 0.999; PyTorch's default Adam for the official computation, the fused one that HATModel picks for the others).
+Modes (``--modes``):
 
     official      network_g: {type: OfficialHAT} (benchmarks/official_baseline.py), fp32: the baseline
     fp32          network_g: {type: HAT}
@@ -70,7 +71,9 @@ def model_options(variant: str, mode: str, patch: int, device: torch.device) -> 
         network['use_checkpoint'] = True
     train = {
         'ema_decay': 0.999,
-        'optim_g': {'type': 'Adam', 'lr': 2e-4, 'weight_decay': 0, 'betas': [0.9, 0.99]},
+        'optim_g': {'type': 'Adam', 'lr': 2e-4, 'weight_decay': 0, 'betas': [0.9, 0.99],
+                    # The official code takes PyTorch's default Adam; HATModel's own default is the fused one.
+                    **({'fused': False} if mode == 'official' else {})},
         'scheduler': {'type': 'MultiStepLR', 'milestones': [250000], 'gamma': 0.5},
         'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'},
         'amp': 'bf16' if 'bf16' in mode else False,

@@ -1,4 +1,5 @@
-"""Mixed precision and compilation options of HATModel: ``train: {amp, compile}`` and ``val: {amp}``."""
+"""Training options of HATModel: mixed precision and compilation (``train: {amp, compile}``, ``val: {amp}``),
+the EMA and the choice of Adam's implementation."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import torch
 
 from conftest import golden_config, golden_state_dict
 from hat.archs.hat_arch import HAT
-from hat.models.hat_model import HATModel, amp_dtype
+from hat.models.hat_model import HATModel, amp_dtype, fused_adam_serves
 
 SCALE = 2
 
@@ -182,3 +183,42 @@ def test_subclasses_with_their_own_set_up_get_the_precision_on_the_first_step():
     model.feed_data(smooth_batch())
     model.optimize_parameters(1)
     assert model.train_amp is torch.bfloat16 and math.isfinite(model.get_current_log()['l_pix'])
+
+
+def trained_once(optim_g: dict) -> HATModel:
+    model = build(model_options(train={'optim_g': {'type': 'Adam', 'lr': 1e-3, 'betas': [0.9, 0.99], **optim_g}}))
+    model.feed_data(smooth_batch())
+    model.optimize_parameters(1)
+    return model
+
+
+@pytest.mark.skipif(not fused_adam_serves([torch.zeros(1)]), reason='this PyTorch has no fused Adam for the CPU')
+def test_adam_is_fused_unless_the_options_choose_and_updates_as_the_default():
+    fused, default, foreach = (trained_once(optim_g) for optim_g in ({}, {'fused': False}, {'foreach': True}))
+    assert fused.optimizer_g.param_groups[0]['fused'] is True
+    assert default.optimizer_g.param_groups[0]['fused'] is False
+    assert foreach.optimizer_g.param_groups[0]['fused'] is None and foreach.optimizer_g.param_groups[0]['foreach']
+    after_default = dict(default.net_g.named_parameters())
+    moved = 0
+    for name, value in fused.net_g.named_parameters():
+        torch.testing.assert_close(value, after_default[name], rtol=0, atol=1e-7)
+        moved += not torch.equal(value, golden_state_dict('hat_tiny_x2')[name])
+    assert moved > 100  # a real step was taken by both
+    # A resumed state keeps its implementation: the default's state loads into a model that would fuse.
+    resumed = build(model_options())
+    resumed.optimizer_g.load_state_dict(default.optimizer_g.state_dict())
+    assert resumed.optimizer_g.param_groups[0]['fused'] is False
+
+
+def test_fused_adam_only_where_pytorch_has_the_kernel(monkeypatch):
+    import torch.utils._foreach_utils as foreach_utils
+    weight = torch.zeros(3, requires_grad=True)
+    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cpu', 'cuda'])
+    assert fused_adam_serves([weight])
+    assert not fused_adam_serves([weight, torch.zeros(3, dtype=torch.int64)])  # not floating point
+    assert not fused_adam_serves([{'params': [weight]}])  # parameter groups: left to PyTorch
+    assert not fused_adam_serves([])
+    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cuda'])  # torch < 2.4
+    assert not fused_adam_serves([weight])
+    model = build(model_options())
+    assert model.optimizer_g.param_groups[0]['fused'] is None  # PyTorch's default Adam, without an error
