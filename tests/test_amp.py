@@ -222,3 +222,21 @@ def test_fused_adam_only_where_pytorch_has_the_kernel(monkeypatch):
     assert not fused_adam_serves([weight])
     model = build(model_options())
     assert model.optimizer_g.param_groups[0]['fused'] is None  # PyTorch's default Adam, without an error
+
+
+def test_state_of_a_fused_adam_resumes_where_the_kernel_is_missing(monkeypatch, caplog):
+    import torch.utils._foreach_utils as foreach_utils
+    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cpu', 'cuda'])
+    trained = trained_once({})
+    state = {'optimizers': [o.state_dict() for o in trained.optimizers],
+             'schedulers': [s.state_dict() for s in trained.schedulers]}
+    assert state['optimizers'][0]['param_groups'][0]['fused'] is True
+    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cuda'])  # torch < 2.4
+    resumed = build(model_options())
+    resumed.net_g.load_state_dict(trained.net_g.state_dict())
+    with caplog.at_level('WARNING', logger='basicsr'):
+        resumed.resume_training(state)
+    assert resumed.optimizer_g.param_groups[0]['fused'] is False and 'fused Adam' in caplog.text
+    resumed.feed_data(smooth_batch())
+    resumed.optimize_parameters(2)  # PyTorch's default Adam, from the saved moments
+    assert resumed.optimizer_g.state_dict()['state'][0]['step'].item() == 2

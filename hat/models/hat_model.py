@@ -154,6 +154,19 @@ class HATModel(SRModel):
             kwargs['fused'] = True
         return super().get_optimizer(optim_type, params, lr, **kwargs)
 
+    def resume_training(self, resume_state: dict) -> None:
+        """basicsr's: the optimisers' and schedulers' states. A state saved by a fused Adam that this PyTorch cannot
+        run fused for these parameters (saved on a GPU, or with a newer PyTorch, resumed on a CPU without the fused
+        kernel) continues with PyTorch's default Adam, the same update, with a warning, instead of failing at the
+        first step."""
+        super().resume_training(resume_state)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                if group.get('fused') and not fused_adam_serves(group['params']):
+                    logger.warning('The training state was saved by a fused Adam, which this PyTorch has no kernel '
+                                   'for here; training continues with its default Adam (the same update).')
+                    group['fused'] = False
+
     def init_training_settings(self) -> None:
         self.setup_training_precision()  # an fp16 request on the CPU fails here, before anything is built
         super().init_training_settings()
