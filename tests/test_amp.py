@@ -210,28 +210,32 @@ def test_adam_is_fused_unless_the_options_choose_and_updates_as_the_default():
     assert resumed.optimizer_g.param_groups[0]['fused'] is False
 
 
-def test_fused_adam_only_where_pytorch_has_the_kernel(monkeypatch):
+def fused_kernels_on(monkeypatch, *devices: str) -> None:
+    """PyTorch's list of the devices its fused optimiser kernels serve, as this test says (the CPU joined in 2.4)."""
     import torch.utils._foreach_utils as foreach_utils
+    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: list(devices))
+
+
+def test_fused_adam_only_where_pytorch_has_the_kernel(monkeypatch):
     weight = torch.zeros(3, requires_grad=True)
-    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cpu', 'cuda'])
+    fused_kernels_on(monkeypatch, 'cpu', 'cuda')
     assert fused_adam_serves([weight])
     assert not fused_adam_serves([weight, torch.zeros(3, dtype=torch.int64)])  # not floating point
     assert not fused_adam_serves([{'params': [weight]}])  # parameter groups: left to PyTorch
     assert not fused_adam_serves([])
-    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cuda'])  # torch < 2.4
+    fused_kernels_on(monkeypatch, 'cuda')  # torch < 2.4
     assert not fused_adam_serves([weight])
     model = build(model_options())
     assert model.optimizer_g.param_groups[0]['fused'] is None  # PyTorch's default Adam, without an error
 
 
 def test_state_of_a_fused_adam_resumes_where_the_kernel_is_missing(monkeypatch, caplog):
-    import torch.utils._foreach_utils as foreach_utils
-    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cpu', 'cuda'])
+    fused_kernels_on(monkeypatch, 'cpu', 'cuda')
     trained = trained_once({})
     state = {'optimizers': [o.state_dict() for o in trained.optimizers],
              'schedulers': [s.state_dict() for s in trained.schedulers]}
     assert state['optimizers'][0]['param_groups'][0]['fused'] is True
-    monkeypatch.setattr(foreach_utils, '_get_fused_kernels_supported_devices', lambda: ['cuda'])  # torch < 2.4
+    fused_kernels_on(monkeypatch, 'cuda')  # torch < 2.4
     resumed = build(model_options())
     resumed.net_g.load_state_dict(trained.net_g.state_dict())
     with caplog.at_level('WARNING', logger='basicsr'):
